@@ -1,0 +1,25 @@
+"""Registry of distillation methods; each method is one module defining one Distiller subclass."""
+from __future__ import annotations
+
+from .base import Distiller, MethodParams, StepOutput, kl_divergence
+
+_METHODS: dict[str, type[Distiller]] = {}
+
+
+def register_method(cls: type[Distiller]) -> type[Distiller]:
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def get_method_class(name: str) -> type[Distiller]:
+    return _METHODS[name]
+
+
+def method_names() -> list[str]:
+    return sorted(_METHODS)
+
+
+from . import deit, kd, plain  # noqa: E402,F401  (registration)
+
+__all__ = ["Distiller", "MethodParams", "StepOutput", "kl_divergence", "register_method", "get_method_class",
+           "method_names"]

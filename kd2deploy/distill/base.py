@@ -1,0 +1,112 @@
+"""The Distiller interface: everything a method needs, so the training engine never special-cases one."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor, nn
+
+from ..hooks import FeatureHooks
+
+
+class MethodParams(BaseModel):
+    """A method's recipe parameters (the keys under `distill:` beside `method`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class StepOutput:
+    loss: Tensor  # what the engine back-propagates
+    logits: Tensor  # the student's prediction, for training accuracy
+    terms: dict[str, Tensor] = field(default_factory=dict)  # loss terms, logged per epoch
+
+
+class Distiller(nn.Module):
+    """One distillation method: the student, the frozen teachers and any training-only modules.
+
+    The engine builds one optimizer over `trainable_parameters()`, calls `forward` once per batch, steps,
+    then calls `on_step_end` (where a method may update e.g. a discriminator with its own optimizer).
+    Only `self.student` is ever saved as the run's artifact.
+    """
+
+    name: ClassVar[str]
+    Params: ClassVar[type[MethodParams]] = MethodParams
+    min_teachers: ClassVar[int] = 1
+    max_teachers: ClassVar[int] = 1
+
+    def __init__(self, student: nn.Module, teachers: list[nn.Module], params: MethodParams, num_classes: int,
+                 label_smoothing: float = 0.0):
+        super().__init__()
+        self.student = student
+        self.teachers = nn.ModuleList(teachers)
+        self.teachers.requires_grad_(False)
+        self.params = params
+        self.num_classes = num_classes
+        self.label_smoothing = label_smoothing
+
+    def train(self, mode: bool = True) -> "Distiller":
+        super().train(mode)
+        self.teachers.eval()  # teachers stay frozen in eval mode (BN statistics, dropout)
+        return self
+
+    # ------------------------------------------------------------------------------------ training
+    def forward(self, images: Tensor, targets: Tensor, indices: Tensor | None = None) -> StepOutput:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def teacher_logits(self, images: Tensor, indices: Tensor | None = None) -> list[Tensor]:
+        """Each teacher's logits for the batch; the single place a teacher-output cache can plug in."""
+        return [teacher(images) for teacher in self.teachers]
+
+    def classification_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """Cross-entropy with hard labels, or with the soft targets mixup/cutmix produce."""
+        if targets.dim() == 2:
+            return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
+        return F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
+
+    def hook_features(self, model: nn.Module, layers: dict[str, str]) -> FeatureHooks:
+        """Forward hooks on `model`'s named sub-modules; read them after a forward from `.features`."""
+        return FeatureHooks(model, layers)
+
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) pairs for the engine's optimizer: the student's and any projector's, not the
+        teachers' nor those of modules with their own optimizer."""
+        return [(name, p) for name, p in self.named_parameters()
+                if p.requires_grad and not name.startswith(self.ddp_ignored_prefixes())]
+
+    def ddp_ignored_prefixes(self) -> tuple[str, ...]:
+        """Parameter/buffer name prefixes DDP must not synchronise (frozen teachers; modules with their own
+        optimizer, which then reduce their own gradients)."""
+        return ("teachers.",)
+
+    def on_step_end(self, step: int, output: StepOutput) -> dict[str, float]:
+        """Called after each optimizer step; returns extra scalars to log."""
+        return {}
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def training_state(self) -> dict[str, Any]:
+        """Everything a resumed run needs from the method, without teacher weights."""
+        return {"modules": {k: v for k, v in self.state_dict().items() if not k.startswith("teachers.")},
+                "extra": self.extra_state()}
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        self.load_state_dict(state["modules"], strict=False)
+        self.load_extra_state(state.get("extra", {}))
+
+    def extra_state(self) -> dict[str, Any]:
+        """State outside nn.Modules, e.g. a discriminator's own optimizer."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def kl_divergence(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """τ²·KL(σ(z_t/τ) ‖ σ(z_s/τ)), batch mean (Hinton et al. 2015, Eq. 2 with the τ² gradient scale)."""
+    log_p_student = F.log_softmax(student_logits / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=-1)
+    return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * temperature**2

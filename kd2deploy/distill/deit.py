@@ -1,0 +1,55 @@
+"""DeiT token distillation (Touvron et al., "Training data-efficient image transformers", ICML 2021)."""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
+from ..errors import UserError
+from . import register_method
+from .base import Distiller, MethodParams, StepOutput, kl_divergence
+
+
+class DeiTParams(MethodParams):
+    distillation_type: Literal["hard", "soft"] = Field("hard", description="hard: teacher argmax; soft: KL")
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the distillation-token loss")
+    tau: float = Field(1.0, gt=0, description="temperature of the soft variant")
+
+
+@register_method
+class DeiTDistillation(Distiller):
+    """The class token learns from labels, the distillation token from the teacher.
+
+    soft (DeiT Eq. 2): (1 − λ)·CE(ψ(Z_cls), y) + λ·τ²·KL(ψ(Z_t/τ) ‖ ψ(Z_dist/τ))
+    hard (DeiT Eq. 3, λ = ½ by default): (1 − λ)·CE(ψ(Z_cls), y) + λ·CE(ψ(Z_dist), argmax Z_t)
+    At inference the two heads' logits are averaged (timm's VisionTransformerDistilled does this in eval).
+    """
+
+    name = "deit"
+    Params = DeiTParams
+
+    def __init__(self, student: nn.Module, teachers: list[nn.Module], params: DeiTParams, num_classes: int,
+                 label_smoothing: float = 0.0):
+        if not hasattr(student, "set_distilled_training"):
+            raise UserError(
+                f"distill.method `deit` needs a student with a distillation token, but `{type(student).__name__}` "
+                "has none. Set `student.name` to a distilled DeiT, e.g. deit_tiny_distilled_patch16_224, or "
+                "kd2deploy's CIFAR-size deit_nano_distilled_patch4_32 / deit_tiny_distilled_patch4_32.")
+        super().__init__(student, teachers, params, num_classes, label_smoothing)
+        student.set_distilled_training(True)  # timm API: training forward returns (cls, dist) logits
+
+    def forward(self, images: Tensor, targets: Tensor, indices: Tensor | None = None) -> StepOutput:
+        p: DeiTParams = self.params
+        teacher = self.teacher_logits(images, indices)[0]
+        cls_logits, dist_logits = self.student(images)
+        ce = self.classification_loss(cls_logits, targets)
+        if p.distillation_type == "soft":
+            distill = kl_divergence(dist_logits, teacher, p.tau)
+        else:
+            distill = F.cross_entropy(dist_logits, teacher.argmax(dim=-1))
+        loss = (1 - p.alpha) * ce + p.alpha * distill
+        logits = (cls_logits.detach() + dist_logits.detach()) / 2
+        return StepOutput(loss, logits, {"ce": ce.detach(), "distill": distill.detach()})

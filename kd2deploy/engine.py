@@ -1,0 +1,326 @@
+"""The training engine: one loop for plain training and every distillation method, single process or torchrun/DDP."""
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .checkpoint import RUN_FORMAT, STUDENT_FORMAT, atomic_save, atomic_write_text, load_checkpoint, provenance
+from .data import build_datasets, build_mixup, eval_loader, train_loader
+from .distill import Distiller, get_method_class
+from .distributed import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown
+from .errors import UserError
+from .evaluate import evaluate
+from .models import create_model
+from .recipe import Recipe, check_files, distill_params
+
+LAST = "last.pt"
+STUDENT = "student.pt"
+METRICS = "metrics.csv"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """Every epoch starts from a seed of its own, so a resumed run replays exactly what an uninterrupted one does."""
+    return seed + 100_003 * (epoch + 1) + 1_009 * rank
+
+
+def param_groups(distiller: Distiller, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on biases, norms and the tokens/embeddings timm models list in no_weight_decay()."""
+    no_wd_names = getattr(distiller.student, "no_weight_decay", lambda: set())()
+    skip = {f"student.{name}" for name in no_wd_names}
+    decay, no_decay = [], []
+    for name, param in distiller.trainable_parameters():
+        (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+class Trainer:
+    """Builds everything a recipe names and runs it; `fit()` returns the final metrics."""
+
+    def __init__(self, recipe: Recipe, recipe_file: str | None = None, resume: bool | str = False,
+                 overwrite: bool = False, console: Console | None = None):
+        self.recipe, self.recipe_file = recipe, recipe_file
+        self.env: DistEnv = init_distributed(recipe.device)
+        self.console = console or Console(stderr=True)
+        self.run_dir = recipe.run_dir
+        self.start_epoch, self.global_step, self.history = 0, 0, []
+        resume_state = self._resume_state(resume, overwrite)
+        check_files(recipe, recipe_file)
+
+        seed_everything(recipe.optim.seed)  # identical initial weights on every rank
+        self.train_set, self.val_set, self.info = build_datasets(recipe.data, recipe.optim.seed)
+        self.distiller = self._build_distiller().to(self.env.device)
+        self.batch_size = self._per_process_batch()
+        loader_args = dict(num_workers=recipe.data.num_workers, pin_memory=self.env.device.type == "cuda")
+        self.train_loader = train_loader(self.train_set, self.batch_size, seed=recipe.optim.seed, rank=self.env.rank,
+                                         world_size=self.env.world_size, **loader_args)
+        self.val_loader = eval_loader(self.val_set, self.batch_size, rank=self.env.rank,
+                                      world_size=self.env.world_size, **loader_args)
+        if len(self.train_loader) == 0:
+            raise UserError(f"optim.batch_size={recipe.optim.batch_size} is larger than the training set "
+                            f"({len(self.train_set)} images), so an epoch has no full batch. Lower optim.batch_size.")
+        self.mixup = build_mixup(recipe.data, self.info.num_classes)
+
+        o = recipe.optim
+        self.optimizer = create_optimizer_v2(param_groups(self.distiller, o.weight_decay), opt=o.optimizer, lr=o.lr,
+                                             weight_decay=o.weight_decay, momentum=o.momentum)
+        self.scheduler, _ = create_scheduler_v2(
+            self.optimizer, sched=o.schedule, num_epochs=o.epochs, decay_epochs=o.decay_epochs,
+            decay_milestones=o.decay_milestones, decay_rate=o.decay_rate, min_lr=o.min_lr, warmup_lr=o.warmup_lr,
+            warmup_epochs=o.warmup_epochs, step_on_epochs=False, updates_per_epoch=len(self.train_loader))
+        use_amp = o.amp and self.env.device.type == "cuda"
+        self.amp_dtype = torch.float16 if o.amp_dtype == "float16" else torch.bfloat16
+        self.autocast = torch.autocast("cuda", dtype=self.amp_dtype) if use_amp else None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=use_amp and self.amp_dtype == torch.float16)
+        if resume_state is not None:
+            self._load_resume_state(resume_state)
+        self.model = self._wrap_ddp()
+
+    # ----------------------------------------------------------------------------------------- setup
+    def _build_distiller(self) -> Distiller:
+        r, n = self.recipe, self.info.num_classes
+        student = create_model(r.student.name, n, r.student.pretrained, r.student.checkpoint, r.student.kwargs,
+                               field="student.name")
+        teachers = [create_model(t.name, n, t.pretrained, t.checkpoint, t.kwargs, field=f"teachers.{i}.name")
+                    for i, t in enumerate(r.teachers)]
+        cls = get_method_class(r.distill.method or "none")
+        return cls(student, teachers, distill_params(r), n, label_smoothing=r.data.augment.label_smoothing)
+
+    def _per_process_batch(self) -> int:
+        global_batch, world = self.recipe.optim.batch_size, self.env.world_size
+        if global_batch % world:
+            raise UserError(f"optim.batch_size={global_batch} is the global batch and must split evenly over "
+                            f"{world} processes. Use a multiple of {world}.")
+        return global_batch // world
+
+    def _wrap_ddp(self) -> nn.Module:
+        if not self.env.distributed:
+            return self.distiller
+        prefixes = self.distiller.ddp_ignored_prefixes()
+        ignored = [name for name, _ in [*self.distiller.named_parameters(), *self.distiller.named_buffers()]
+                   if name.startswith(prefixes)]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.distiller, ignored)
+        device_ids = [self.env.local_rank] if self.env.device.type == "cuda" else None
+        return DistributedDataParallel(self.distiller, device_ids=device_ids)
+
+    def _resume_state(self, resume: bool | str, overwrite: bool) -> dict[str, Any] | None:
+        last = self.run_dir / LAST
+        if not resume:
+            if last.exists() and not overwrite:
+                raise UserError(f"The run folder {self.run_dir} already holds a run ({last}). Continue it with "
+                                "--resume, start over in it with --overwrite, or pick another `output.dir` "
+                                "(e.g. output.dir=runs/new).")
+            return None
+        if not last.exists():
+            if resume == "auto":
+                return None
+            raise UserError(f"Nothing to resume: {last} does not exist. Check `output.dir` (the recipe writes to "
+                            f"{self.run_dir}), or drop --resume to start a new run.")
+        state = load_checkpoint(last)
+        if not isinstance(state, dict) or state.get("format") != RUN_FORMAT:
+            raise UserError(f"{last} is not a kd2deploy run checkpoint. Remove it or pick another `output.dir`.")
+        self._warn_recipe_changes(state["recipe"])
+        return state
+
+    def _warn_recipe_changes(self, saved: dict[str, Any]) -> None:
+        def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+            if isinstance(d, dict):
+                return {k: v for key, val in d.items() for k, v in flat(val, f"{prefix}{key}.").items()}
+            return {prefix[:-1]: d}
+        now, before = flat(self.recipe.resolved()), flat(saved)
+        changed = sorted(k for k in now.keys() | before.keys() if now.get(k) != before.get(k))
+        if changed and self.env.is_main:
+            self.console.print(f"[yellow]Resuming with a changed recipe: {', '.join(changed)}[/yellow]")
+
+    def _load_resume_state(self, state: dict[str, Any]) -> None:
+        self.distiller.load_training_state(state["distiller"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.start_epoch, self.global_step = state["epoch"], state["global_step"]
+        self.history = state["history"]
+        if self.env.is_main:
+            self.console.print(f"Resuming {self.run_dir} after epoch {self.start_epoch}/{self.recipe.optim.epochs}")
+
+    # ----------------------------------------------------------------------------------------- loop
+    def fit(self) -> dict[str, Any]:
+        r = self.recipe
+        if self.env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "recipe.yaml", yaml.safe_dump(r.resolved(), sort_keys=False))
+            self._describe()
+        writer = self._tensorboard()
+        try:
+            for epoch in range(self.start_epoch, r.optim.epochs):
+                row = self._train_epoch(epoch)
+                row.update({f"val_{k}": v for k, v in evaluate(self.distiller.student, self.val_loader, self.env,
+                                                              self.autocast).items() if k != "count"})
+                self.history.append(row)
+                if self.env.is_main:
+                    self._log_epoch(row, writer)
+                    if (epoch + 1) % r.output.save_every == 0 or epoch + 1 == r.optim.epochs:
+                        self._save_run_checkpoint(epoch + 1)
+                barrier(self.env)
+            if self.env.is_main:
+                if self.start_epoch < r.optim.epochs or not (self.run_dir / STUDENT).exists():
+                    self._save_student()
+                self.console.print(f"Student checkpoint: {self.run_dir / STUDENT}")
+        finally:
+            if writer is not None:
+                writer.close()
+            barrier(self.env)
+            shutdown(self.env)
+        return self.history[-1] if self.history else {}
+
+    def _train_epoch(self, epoch: int) -> dict[str, Any]:
+        seed_everything(epoch_seed(self.recipe.optim.seed, epoch, self.env.rank))
+        self.train_loader.sampler.set_epoch(epoch)
+        self.model.train()
+        sums: dict[str, float] = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+        start = time.perf_counter()
+        with self._progress() as progress:
+            task = progress.add_task("train", total=len(self.train_loader), epoch=epoch + 1, stats="")
+            for images, targets, indices in self.train_loader:
+                images = images.to(self.env.device, non_blocking=True)
+                targets = targets.to(self.env.device, non_blocking=True)
+                hard_targets = targets
+                if self.mixup is not None:
+                    images, targets = self.mixup(images, targets)
+                    hard_targets = targets.argmax(dim=-1)
+                with self.autocast or contextlib.nullcontext():
+                    output = self.model(images, targets, indices)
+                if not torch.isfinite(output.loss):
+                    raise UserError(f"The loss became {output.loss.item()} at epoch {epoch + 1}, step "
+                                    f"{self.global_step + 1}. Lower `optim.lr`, set `optim.clip_grad`, or disable "
+                                    "`optim.amp`.")
+                self.optimizer.zero_grad(set_to_none=True)
+                self.scaler.scale(output.loss).backward()
+                if self.recipe.optim.clip_grad is not None:
+                    self.scaler.unscale_(self.optimizer)
+                    torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
+                                                   self.recipe.optim.clip_grad)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.global_step += 1
+                self.scheduler.step_update(self.global_step)
+                extra = self.distiller.on_step_end(self.global_step, output)
+
+                n = len(hard_targets)
+                sums["loss"] += output.loss.item() * n
+                sums["correct"] += (output.logits.argmax(dim=-1) == hard_targets).sum().item()
+                sums["count"] += n
+                for name, value in {**output.terms, **extra}.items():
+                    sums[f"loss_{name}"] = sums.get(f"loss_{name}", 0.0) + float(value) * n
+                elapsed = time.perf_counter() - start
+                progress.update(task, advance=1, stats=(
+                    f"loss {sums['loss'] / sums['count']:.3f}  acc {100 * sums['correct'] / sums['count']:.1f}%  "
+                    f"{sums['count'] * self.env.world_size / elapsed:.0f} img/s"))
+        self.scheduler.step(epoch + 1)
+        elapsed = time.perf_counter() - start
+        sums = all_reduce_sum(sums, self.env)
+        count = sums.pop("count")
+        row = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[-1]["lr"], "train_loss": sums.pop("loss") / count,
+               "train_top1": 100 * sums.pop("correct") / count}
+        row.update({k: v / count for k, v in sums.items()})
+        row.update({"images_per_s": count / elapsed, "epoch_s": elapsed})
+        return row
+
+    def _progress(self) -> Progress:
+        return Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[stats]}"),
+                        console=self.console, disable=not self.env.is_main, transient=False)
+
+    # ----------------------------------------------------------------------------------------- outputs
+    def _describe(self) -> None:
+        r = self.recipe
+        teachers = ", ".join(t.name for t in r.teachers) or "none"
+        self.console.print(
+            f"[bold]{r.name}[/bold]: student {r.student.name}, teachers {teachers}, method {r.distill.method}, "
+            f"{len(self.train_set)} train / {len(self.val_set)} val images ({self.info.dataset}), "
+            f"{r.optim.epochs} epochs, global batch {r.optim.batch_size} over {self.env.world_size} process(es) "
+            f"on {self.env.device}. Run folder: {self.run_dir}")
+
+    def _log_epoch(self, row: dict[str, Any], writer: Any) -> None:
+        self.console.print(
+            f"epoch {row['epoch']}/{self.recipe.optim.epochs}  train loss {row['train_loss']:.4f}  "
+            f"train top-1 {row['train_top1']:.2f}%  val top-1 {row['val_top1']:.2f}%  "
+            f"{row['images_per_s']:.0f} img/s  lr {row['lr']:.4g}")
+        keys = list(dict.fromkeys(k for r in self.history for k in r))
+        buffer = io.StringIO()
+        csv_writer = csv.DictWriter(buffer, fieldnames=keys)
+        csv_writer.writeheader()
+        csv_writer.writerows(self.history)
+        atomic_write_text(self.run_dir / METRICS, buffer.getvalue())
+        if writer is not None:
+            for key, value in row.items():
+                if key != "epoch" and isinstance(value, (int, float)) and math.isfinite(value):
+                    writer.add_scalar(key, value, row["epoch"])
+
+    def _tensorboard(self) -> Any:
+        if not (self.env.is_main and self.recipe.output.tensorboard):
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is optional
+            return None
+        return SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def _save_run_checkpoint(self, epochs_done: int) -> None:
+        atomic_save({
+            "format": RUN_FORMAT, "epoch": epochs_done, "global_step": self.global_step,
+            "recipe": self.recipe.resolved(), "data": self.info.to_dict(), "history": self.history,
+            "distiller": self.distiller.training_state(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), **provenance(),
+        }, self.run_dir / LAST)
+
+    def _save_student(self) -> None:
+        """The run's deployable artifact: the student's weights and what is needed to rebuild and feed it."""
+        s = self.recipe.student
+        atomic_save({
+            "format": STUDENT_FORMAT,
+            "model": {"name": s.name, "num_classes": self.info.num_classes, "kwargs": s.kwargs},
+            "state_dict": self.distiller.student.state_dict(), "data": self.info.to_dict(),
+            "recipe": self.recipe.resolved(), "method": self.recipe.distill.method,
+            "metrics": self.history[-1] if self.history else {}, "history": self.history, **provenance(),
+        }, self.run_dir / STUDENT)
+
+
+def train(recipe: Recipe, recipe_file: str | None = None, resume: bool | str = False, overwrite: bool = False,
+          console: Console | None = None) -> dict[str, Any]:
+    return Trainer(recipe, recipe_file, resume=resume, overwrite=overwrite, console=console).fit()
+
+
+def load_student(path: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a student from student.pt (or a run folder holding one); returns (model in eval mode, checkpoint)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / STUDENT
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != STUDENT_FORMAT:
+        raise UserError(f"{path} is not a kd2deploy student checkpoint (format {STUDENT_FORMAT}). Give a run folder "
+                        "or its student.pt, written by `kd2deploy train`.")
+    spec = ckpt["model"]
+    model = create_model(spec["name"], spec["num_classes"], kwargs=spec["kwargs"], field=f"{path}: model.name")
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval(), ckpt
