@@ -13,6 +13,8 @@ import torch
 
 from .errors import UserError
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 STUDENT_FORMAT = "kd2deploy.student/1"
 RUN_FORMAT = "kd2deploy.run/1"
 
@@ -25,6 +27,7 @@ def atomic_write(path: Path, write: Any) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; artifacts get the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

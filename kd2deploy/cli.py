@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import functools
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, List, Optional
 
 import typer
 from rich.console import Console
 
-from .errors import UserError
+from .errors import CheckFailed, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distill edge-friendly students from recipes, export them (ONNX, INT8) and benchmark them.")
@@ -20,7 +20,7 @@ err_console = Console(stderr=True)
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Bad input ends in one paragraph on stderr and exit code 2, never a traceback."""
+    """Bad input ends in one paragraph on stderr and exit code 2, a failed check in exit code 1; no traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -29,6 +29,9 @@ def user_errors(fn: Callable) -> Callable:
         except UserError as exc:
             err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=UserError.exit_code) from None
+        except CheckFailed as exc:
+            err_console.print(f"[bold red]failed:[/bold red] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=CheckFailed.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("interrupted; the last completed checkpoint is kept (continue with --resume)")
             raise typer.Exit(code=130) from None
@@ -50,7 +53,7 @@ def _csv_ints(text: str, option: str) -> list[int]:
 @user_errors
 def train(
     recipe: Path = typer.Argument(..., help="YAML recipe (a path, or the name of a bundled recipe)."),
-    overrides: Optional[List[str]] = typer.Argument(None, help="dotted.key=value overrides, e.g. optim.lr=0.05"),
+    overrides: list[str] | None = typer.Argument(None, help="dotted.key=value overrides, e.g. optim.lr=0.05"),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in output.dir from its last checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over in an output.dir that holds a run."),
 ) -> None:
@@ -72,7 +75,7 @@ def export(
     run_dir: Path = typer.Argument(..., help="A run folder (holding student.pt) or a student.pt file."),
     int8: bool = typer.Option(False, "--int8", help="Also write a static INT8 (QDQ) ONNX model."),
     calib_samples: int = typer.Option(256, "--calib-samples", min=1, help="Training images used for calibration."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Artifact folder (default: RUN_DIR/export)."),
+    out: Path | None = typer.Option(None, "--out", help="Artifact folder (default: RUN_DIR/export)."),
     atol: float = typer.Option(1e-3, "--atol", help="Max abs logit difference allowed between ONNX and PyTorch."),
     parity_samples: int = typer.Option(256, "--parity-samples", min=1, help="Val images for the parity check."),
 ) -> None:
@@ -116,6 +119,7 @@ def eval_(
 @app.command()
 @user_errors
 def quickstart(
+    overrides: list[str] | None = typer.Argument(None, help="dotted.key=value overrides for all three recipes"),
     out: Path = typer.Option(Path("runs/quickstart"), "--out", help="Folder for the quickstart's runs."),
 ) -> None:
     """Train a CNN teacher, distill a student with KD (plus a no-teacher baseline), export FP32+INT8, bench.
@@ -124,7 +128,7 @@ def quickstart(
     """
     from .quickstart import run_quickstart
 
-    run_quickstart(out, console=console)
+    run_quickstart(out, console=console, overrides=overrides or [])
 
 
 @recipes_app.command("list")
@@ -150,7 +154,7 @@ def recipes_list() -> None:
 @user_errors
 def recipes_show(
     recipe: Path = typer.Argument(..., help="Recipe path or bundled name."),
-    overrides: Optional[List[str]] = typer.Argument(None, help="dotted.key=value overrides"),
+    overrides: list[str] | None = typer.Argument(None, help="dotted.key=value overrides"),
 ) -> None:
     """Print the recipe with every default filled in (what a run records)."""
     import yaml
@@ -164,7 +168,7 @@ def recipes_show(
 @recipes_app.command("validate")
 @user_errors
 def recipes_validate(
-    recipes: List[Path] = typer.Argument(..., help="Recipe paths or bundled names."),
+    recipes: list[Path] = typer.Argument(..., help="Recipe paths or bundled names."),
 ) -> None:
     """Check recipes: schema, method parameters and model names. Files a recipe needs that do not exist yet
     (a teacher checkpoint a previous run will write) are reported as warnings."""

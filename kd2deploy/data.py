@@ -41,7 +41,7 @@ class DataInfo:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DataInfo":
+    def from_dict(cls, d: dict[str, Any]) -> DataInfo:
         d = dict(d)
         d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
         return cls(**d)
@@ -87,7 +87,8 @@ def _default_stats(dataset: str) -> tuple[tuple, tuple]:
 def _image_folder(path: Path, field: str) -> datasets.ImageFolder:
     if not path.is_dir():
         raise UserError(f"Data folder {path} does not exist ({field}). Point `data.root` at a folder holding "
-                        "one sub-folder per class (ImageFolder layout), e.g. train/<class>/*.jpg and val/<class>/*.jpg.")
+                        "one sub-folder per class (ImageFolder layout), e.g. train/<class>/*.jpg and "
+                        "val/<class>/*.jpg.")
     try:
         return datasets.ImageFolder(str(path))
     except (FileNotFoundError, RuntimeError) as exc:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -13,7 +13,7 @@ class DistEnv:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def is_main(self) -> bool:
@@ -47,7 +47,7 @@ def all_reduce_sum(values: dict[str, float], env: DistEnv) -> dict[str, float]:
     tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64,
                           device=env.device if env.device.type == "cuda" else "cpu")
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return dict(zip(keys, tensor.tolist()))
+    return dict(zip(keys, tensor.tolist(), strict=True))
 
 
 def barrier(env: DistEnv) -> None:

@@ -32,6 +32,7 @@ from .recipe import Recipe, check_files, distill_params
 LAST = "last.pt"
 STUDENT = "student.pt"
 METRICS = "metrics.csv"
+REFRESH = 10  # progress-bar refresh interval in steps
 
 
 def seed_everything(seed: int) -> None:
@@ -81,6 +82,9 @@ class Trainer:
             raise UserError(f"optim.batch_size={recipe.optim.batch_size} is larger than the training set "
                             f"({len(self.train_set)} images), so an epoch has no full batch. Lower optim.batch_size.")
         self.mixup = build_mixup(recipe.data, self.info.num_classes)
+        if self.mixup is not None and self.batch_size % 2:
+            raise UserError(f"Mixup/cutmix pair images within a batch, so the per-process batch must be even, not "
+                            f"{self.batch_size}. Change `optim.batch_size` or disable `data.augment.mixup`/`cutmix`.")
 
         o = recipe.optim
         self.optimizer = create_optimizer_v2(param_groups(self.distiller, o.weight_decay), opt=o.optimizer, lr=o.lr,
@@ -174,8 +178,9 @@ class Trainer:
         try:
             for epoch in range(self.start_epoch, r.optim.epochs):
                 row = self._train_epoch(epoch)
-                row.update({f"val_{k}": v for k, v in evaluate(self.distiller.student, self.val_loader, self.env,
-                                                              self.autocast).items() if k != "count"})
+                val = evaluate(self.distiller.student, self.val_loader, self.env, self.autocast)
+                row.update({"val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
+                            "val_images": val["count"]})
                 self.history.append(row)
                 if self.env.is_main:
                     self._log_epoch(row, writer)
@@ -197,54 +202,62 @@ class Trainer:
         seed_everything(epoch_seed(self.recipe.optim.seed, epoch, self.env.rank))
         self.train_loader.sampler.set_epoch(epoch)
         self.model.train()
-        sums: dict[str, float] = {"loss": 0.0, "correct": 0.0, "count": 0.0}
-        start = time.perf_counter()
+        # running sums stay on the device; reading them (a GPU sync) happens only every REFRESH steps
+        sums: dict[str, torch.Tensor] = {}
+        count, start = 0, time.perf_counter()
         with self._progress() as progress:
             task = progress.add_task("train", total=len(self.train_loader), epoch=epoch + 1, stats="")
-            for images, targets, indices in self.train_loader:
-                images = images.to(self.env.device, non_blocking=True)
-                targets = targets.to(self.env.device, non_blocking=True)
-                hard_targets = targets
-                if self.mixup is not None:
-                    images, targets = self.mixup(images, targets)
-                    hard_targets = targets.argmax(dim=-1)
-                with self.autocast or contextlib.nullcontext():
-                    output = self.model(images, targets, indices)
-                if not torch.isfinite(output.loss):
-                    raise UserError(f"The loss became {output.loss.item()} at epoch {epoch + 1}, step "
-                                    f"{self.global_step + 1}. Lower `optim.lr`, set `optim.clip_grad`, or disable "
-                                    "`optim.amp`.")
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(output.loss).backward()
-                if self.recipe.optim.clip_grad is not None:
-                    self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
-                                                   self.recipe.optim.clip_grad)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.global_step += 1
-                self.scheduler.step_update(self.global_step)
-                extra = self.distiller.on_step_end(self.global_step, output)
-
-                n = len(hard_targets)
-                sums["loss"] += output.loss.item() * n
-                sums["correct"] += (output.logits.argmax(dim=-1) == hard_targets).sum().item()
-                sums["count"] += n
-                for name, value in {**output.terms, **extra}.items():
-                    sums[f"loss_{name}"] = sums.get(f"loss_{name}", 0.0) + float(value) * n
-                elapsed = time.perf_counter() - start
-                progress.update(task, advance=1, stats=(
-                    f"loss {sums['loss'] / sums['count']:.3f}  acc {100 * sums['correct'] / sums['count']:.1f}%  "
-                    f"{sums['count'] * self.env.world_size / elapsed:.0f} img/s"))
+            for step, (images, targets, indices) in enumerate(self.train_loader, 1):
+                values = self._train_step(images, targets, indices)
+                n = len(images)
+                for name, value in values.items():
+                    sums[name] = sums.get(name, 0.0) + value.detach().float() * n
+                count += n
+                if step % REFRESH == 0 or step == len(self.train_loader):
+                    self._check_finite(sums["loss"], epoch)
+                    progress.update(task, completed=step, stats=(
+                        f"loss {sums['loss'].item() / count:.3f}  acc {100 * sums['correct'].item() / count:.1f}%  "
+                        f"{count * self.env.world_size / (time.perf_counter() - start):.0f} img/s"))
         self.scheduler.step(epoch + 1)
         elapsed = time.perf_counter() - start
-        sums = all_reduce_sum(sums, self.env)
-        count = sums.pop("count")
-        row = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[-1]["lr"], "train_loss": sums.pop("loss") / count,
-               "train_top1": 100 * sums.pop("correct") / count}
-        row.update({k: v / count for k, v in sums.items()})
-        row.update({"images_per_s": count / elapsed, "epoch_s": elapsed})
+        totals = all_reduce_sum({"count": count, **{k: v.item() for k, v in sums.items()}}, self.env)
+        count = totals.pop("count")
+        row = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[-1]["lr"],
+               "train_loss": totals.pop("loss") / count, "train_top1": 100 * totals.pop("correct") / count}
+        row.update({f"loss_{k}": v / count for k, v in totals.items()})
+        row.update({"train_images": int(count), "images_per_s": count / elapsed, "epoch_s": elapsed})
         return row
+
+    def _train_step(self, images: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor
+                    ) -> dict[str, torch.Tensor]:
+        """One optimizer step; returns per-batch scalars (loss, accuracy as 'correct', the method's terms)."""
+        images = images.to(self.env.device, non_blocking=True)
+        targets = targets.to(self.env.device, non_blocking=True)
+        hard_targets = targets
+        if self.mixup is not None:
+            images, targets = self.mixup(images, targets)
+            hard_targets = targets.argmax(dim=-1)
+        with self.autocast or contextlib.nullcontext():
+            output = self.model(images, targets, indices)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(output.loss).backward()
+        if self.recipe.optim.clip_grad is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
+                                           self.recipe.optim.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.global_step += 1
+        self.scheduler.step_update(self.global_step)
+        extra = self.distiller.on_step_end(self.global_step, output)
+        correct = (output.logits.argmax(dim=-1) == hard_targets).float().mean()
+        return {"loss": output.loss, "correct": correct, **output.terms,
+                **{k: torch.as_tensor(v) for k, v in extra.items()}}
+
+    def _check_finite(self, loss_sum: torch.Tensor, epoch: int) -> None:
+        if not torch.isfinite(loss_sum):
+            raise UserError(f"The training loss became {loss_sum.item()} in epoch {epoch + 1} (by step "
+                            f"{self.global_step}). Lower `optim.lr`, set `optim.clip_grad`, or disable `optim.amp`.")
 
     def _progress(self) -> Progress:
         return Progress(TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),

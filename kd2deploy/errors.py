@@ -11,6 +11,15 @@ class UserError(Exception):
         super().__init__(" ".join(message.split()))  # one paragraph, whatever the source formatting
 
 
+class CheckFailed(Exception):
+    """A result failed a check kd2deploy makes (e.g. export parity). The CLI prints it and exits 1."""
+
+    exit_code = 1
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(message.split()))
+
+
 class RecipeError(UserError):
     def __init__(self, file: str | None, field: str | None, problem: str, fix: str = ""):
         where = f"Recipe {file}" if file else "Recipe"

@@ -16,31 +16,31 @@ from torch import nn
 from .checkpoint import load_checkpoint
 from .errors import UserError
 
-
-def _cifar_cfg() -> dict[str, Any]:
-    return {"input_size": (3, 32, 32), "num_classes": 10, "mean": CIFAR_MEAN, "std": CIFAR_STD, "url": ""}
-
-
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
+_CIFAR_CFG = {"input_size": (3, 32, 32), "num_classes": 10, "mean": CIFAR_MEAN, "std": CIFAR_STD, "url": ""}
 
 
-def _distilled_vit(variant: str, pretrained: bool, **kwargs: Any) -> VisionTransformerDistilled:
-    kwargs.setdefault("img_size", 32)
-    kwargs.setdefault("patch_size", 4)
-    return build_model_with_cfg(VisionTransformerDistilled, variant, pretrained, pretrained_cfg=_cifar_cfg(), **kwargs)
+def _distilled_vit(variant: str, pretrained: bool, defaults: dict[str, Any], kwargs: dict[str, Any]
+                   ) -> VisionTransformerDistilled:
+    """timm's distilled DeiT with CIFAR-size defaults; recipe kwargs (e.g. depth) override them."""
+    args = {"img_size": 32, "patch_size": 4, **defaults, **kwargs}
+    args["pretrained_cfg"] = args.get("pretrained_cfg") or dict(_CIFAR_CFG)  # create_model passes None
+    return build_model_with_cfg(VisionTransformerDistilled, variant, pretrained, **args)
 
 
 @register_model
 def deit_nano_distilled_patch4_32(pretrained: bool = False, **kwargs: Any) -> VisionTransformerDistilled:
     """DeiT with a distillation token sized for 32x32 inputs on a CPU budget (64 tokens, 96 wide, 6 blocks)."""
-    return _distilled_vit("deit_nano_distilled_patch4_32", pretrained, embed_dim=96, depth=6, num_heads=3, **kwargs)
+    return _distilled_vit("deit_nano_distilled_patch4_32", pretrained, {"embed_dim": 96, "depth": 6, "num_heads": 3},
+                          kwargs)
 
 
 @register_model
 def deit_tiny_distilled_patch4_32(pretrained: bool = False, **kwargs: Any) -> VisionTransformerDistilled:
     """DeiT-Tiny (192 wide, 12 blocks) with a distillation token, for 32x32 inputs."""
-    return _distilled_vit("deit_tiny_distilled_patch4_32", pretrained, embed_dim=192, depth=12, num_heads=3, **kwargs)
+    return _distilled_vit("deit_tiny_distilled_patch4_32", pretrained, {"embed_dim": 192, "depth": 12, "num_heads": 3},
+                          kwargs)
 
 
 def create_model(name: str, num_classes: int, pretrained: bool = False, checkpoint: Path | None = None,

@@ -145,8 +145,12 @@ def parse_overrides(overrides: list[str], file: str | None = None) -> list[tuple
 
 
 def apply_override(raw: dict, path: list[str], value: Any, file: str | None) -> None:
-    # `teacher.x=...` addresses the shorthand single teacher even when the file says `teachers:`
-    if path[0] == "teacher" and "teacher" not in raw and isinstance(raw.get("teachers"), list):
+    if path[0] == "teacher":  # `teacher.x=...` addresses the single teacher, in whichever form the file has
+        if len(path) == 1:
+            raw["teachers"] = [] if value is None else [value]
+            return
+        teachers = raw.get("teachers") or []
+        raw["teachers"] = teachers if teachers else [{}]
         path = ["teachers", "0", *path[1:]]
     node: Any = raw
     for depth, key in enumerate(path[:-1]):
@@ -223,6 +227,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, check_name
                           "Fix the YAML syntax (indentation, colons, quotes).") from None
     if not isinstance(raw, dict):
         raise RecipeError(file, None, "must be a YAML mapping of sections (name, data, student, ...).", "")
+    if "teacher" in raw and "teachers" not in raw:  # one form, so overrides can address either
+        teacher = raw.pop("teacher")
+        raw["teachers"] = [] if teacher is None else [teacher]
     for keys, value in parse_overrides(overrides or [], file):
         apply_override(raw, keys, value, file)
     return validate_recipe(raw, file, check_names=check_names)
@@ -267,7 +274,8 @@ def _check_distill(recipe: Recipe, file: str | None) -> None:
     if not cls.min_teachers <= n_teachers <= cls.max_teachers:
         want = (f"exactly {cls.min_teachers}" if cls.min_teachers == cls.max_teachers
                 else f"{cls.min_teachers} to {cls.max_teachers}")
-        raise RecipeError(file, "teachers", f"method `{method}` needs {want} teacher(s), the recipe gives {n_teachers}.",
+        raise RecipeError(file, "teachers",
+                          f"method `{method}` needs {want} teacher(s), the recipe gives {n_teachers}.",
                           "Add or remove `teacher`/`teachers` entries, or pick another `distill.method`.")
 
 
@@ -288,7 +296,8 @@ def check_model_name(name: str, file: str | None, field: str) -> None:
     close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
     hint = f" Close names: {', '.join(close)}." if close else ""
     raise RecipeError(file, field, f"`{name}` is not a timm model name.",
-                      f"Use a name from timm.list_models() (e.g. resnet18, mobilenetv2_100, deit_tiny_patch16_224).{hint}")
+                      "Use a name from timm.list_models() (e.g. resnet18, mobilenetv2_100, deit_tiny_patch16_224)."
+                      f"{hint}")
 
 
 def missing_files(recipe: Recipe) -> list[tuple[str, str]]:
@@ -318,11 +327,8 @@ def check_files(recipe: Recipe, file: str | None) -> None:
 
 
 def bundled_recipes_dir() -> Path:
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "_recipes", here.parent / "recipes"):
-        if candidate.is_dir():
-            return candidate
-    return here.parent / "recipes"
+    """The repository's recipes/ folder (kd2deploy installs from a clone, editable)."""
+    return Path(__file__).resolve().parent.parent / "recipes"
 
 
 def find_recipe(name_or_path: str) -> Path:

@@ -19,7 +19,14 @@ def method_names() -> list[str]:
     return sorted(_METHODS)
 
 
-from . import deit, kd, plain  # noqa: E402,F401  (registration)
+from . import deit, kd, plain  # noqa: E402,F401  (imported last: they register in the table above)
 
-__all__ = ["Distiller", "MethodParams", "StepOutput", "kl_divergence", "register_method", "get_method_class",
-           "method_names"]
+__all__ = [
+    "Distiller",
+    "MethodParams",
+    "StepOutput",
+    "get_method_class",
+    "kl_divergence",
+    "method_names",
+    "register_method",
+]

@@ -48,7 +48,7 @@ class Distiller(nn.Module):
         self.num_classes = num_classes
         self.label_smoothing = label_smoothing
 
-    def train(self, mode: bool = True) -> "Distiller":
+    def train(self, mode: bool = True) -> Distiller:
         super().train(mode)
         self.teachers.eval()  # teachers stay frozen in eval mode (BN statistics, dropout)
         return self

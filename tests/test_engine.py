@@ -1,0 +1,190 @@
+"""The training engine: student-only artifacts, kill-and-resume equality, torchrun/DDP semantics, and the
+Distiller extension points (hooks, projectors, a critic with its own optimizer) without engine special cases."""
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import quiet, tiny_recipe, write_recipe
+from torch import nn
+
+from kd2deploy.checkpoint import load_checkpoint
+from kd2deploy.distill import Distiller, MethodParams, StepOutput, register_method
+from kd2deploy.engine import Trainer, load_student, train
+from kd2deploy.models import create_model
+from kd2deploy.recipe import load_recipe
+
+
+def _state(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run_dir / "student.pt")["state_dict"]
+
+
+def _rows(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_kd_run_writes_a_student_only_checkpoint(tmp_path):
+    teacher_run = tmp_path / "teacher"
+    train(load_recipe(write_recipe(tmp_path / "t.yaml", tiny_recipe(teacher_run, student={"name": "resnet10t"}))))
+    recipe = tiny_recipe(tmp_path / "kd", teacher={"name": "resnet10t", "checkpoint": str(teacher_run / "student.pt")},
+                         distill={"method": "kd", "temperature": 2.0, "alpha": 0.5}, optim={"epochs": 2})
+    metrics = train(load_recipe(write_recipe(tmp_path / "kd.yaml", recipe)))
+    assert metrics["epoch"] == 2 and 0 <= metrics["val_top1"] <= 100 and metrics["loss_kd"] > 0
+
+    ckpt = load_checkpoint(tmp_path / "kd" / "student.pt")
+    fresh_student = create_model("test_resnet", 10).state_dict()
+    assert set(ckpt["state_dict"]) == set(fresh_student)  # no teacher, projector or discriminator tensors
+    assert not any("teacher" in key for key in ckpt["state_dict"])
+    assert ckpt["recipe"]["teachers"][0]["name"] == "resnet10t" and ckpt["method"] == "kd"
+    assert ckpt["versions"]["torch"] and "git_commit" in ckpt
+    assert ckpt["data"]["class_names"][0] == "airplane" and len(ckpt["data"]["class_names"]) == 10
+    model, _ = load_student(tmp_path / "kd")
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert [r["epoch"] for r in _rows(tmp_path / "kd")] == ["1", "2"]
+
+
+def _resume_recipe(run_dir: Path) -> dict:
+    # augmentation, mixup, dropout and 2 loader workers: every source of randomness a resume must replay
+    return tiny_recipe(run_dir, teacher={"name": "test_resnet"}, student={"name": "test_resnet",
+                       "kwargs": {"drop_rate": 0.2}},
+                       data={"train_subset": 1536, "num_workers": 2, "augment": {"mixup": 0.2, "scale": [0.5, 1]}},
+                       optim={"epochs": 3, "batch_size": 32, "lr": 0.05, "warmup_epochs": 1})
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    reference = tmp_path / "reference"
+    train(load_recipe(write_recipe(tmp_path / "ref.yaml", _resume_recipe(reference))))
+
+    killed = tmp_path / "killed"
+    path = write_recipe(tmp_path / "killed.yaml", _resume_recipe(killed))
+    # the same intra-op thread count as this process: float summation order depends on it
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen([sys.executable, "-m", "kd2deploy", "train", str(path)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+    deadline = time.time() + 300
+    while not (killed / "last.pt").exists():  # written atomically after epoch 1
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # mid-epoch 2, loader workers included
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (killed / "student.pt").exists()
+    assert load_checkpoint(killed / "last.pt")["epoch"] == 1
+
+    train(load_recipe(path), resume=True)
+    resumed, expected = _state(killed), _state(reference)
+    for key in expected:
+        torch.testing.assert_close(resumed[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert [r["epoch"] for r in _rows(killed)] == ["1", "2", "3"]
+    assert _rows(killed)[-1]["val_top1"] == _rows(reference)[-1]["val_top1"]
+
+
+def test_torchrun_two_processes_match_one_process(tmp_path):
+    """Global batch split over 2 gloo processes: the same global batches, so the same weights as 1 process.
+    (A model without BatchNorm, no augmentation and SGD: per-process statistics and randomness cannot differ,
+    and no adaptive optimizer magnifies float summation-order noise in near-zero gradients.)"""
+    def recipe(run_dir):
+        return tiny_recipe(run_dir, student={"name": "test_vit", "kwargs": {"img_size": 32}},
+                           data={"train_subset": 512, "augment": {"enabled": False}},
+                           optim={"epochs": 2, "batch_size": 64, "optimizer": "sgd", "lr": 0.05})
+    single = tmp_path / "single"
+    train(load_recipe(write_recipe(tmp_path / "single.yaml", recipe(single))))
+    multi = tmp_path / "multi"
+    path = write_recipe(tmp_path / "multi.yaml", recipe(multi))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "kd2deploy", "train", str(path)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("epoch 2/2") == 1  # rank 0 alone logs
+
+    for key, value in _state(single).items():
+        torch.testing.assert_close(_state(multi)[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    single_rows, multi_rows = _rows(single), _rows(multi)
+    assert len(multi_rows) == 2
+    assert multi_rows[-1]["val_images"] == single_rows[-1]["val_images"] == "1000"  # every val image once
+    assert float(multi_rows[-1]["val_top1"]) == pytest.approx(float(single_rows[-1]["val_top1"]), abs=0.2)
+    assert float(multi_rows[-1]["train_loss"]) == pytest.approx(float(single_rows[-1]["train_loss"]), rel=1e-3)
+
+
+class AuxParams(MethodParams):
+    weight: float = 0.5
+
+
+@register_method
+class ProjectorAndCritic(Distiller):
+    """A test method using every extension point: a hooked feature, a projector the engine's optimizer trains,
+    and a critic with its own optimizer stepped every 2nd iteration (as adversarial methods do)."""
+
+    name = "test_projector_critic"
+    Params = AuxParams
+
+    def __init__(self, student, teachers, params, num_classes, label_smoothing=0.0):
+        super().__init__(student, teachers, params, num_classes, label_smoothing)
+        self.features = self.hook_features(student, {"pooled": "global_pool"})
+        self.projector = nn.LazyLinear(num_classes)
+        self.critic = nn.Linear(num_classes, 1)
+        self.critic_optimizer = torch.optim.SGD(self.critic.parameters(), lr=0.1)
+        self.critic_steps = 0
+
+    def ddp_ignored_prefixes(self):
+        return (*super().ddp_ignored_prefixes(), "critic.")
+
+    def forward(self, images, targets, indices=None):
+        teacher = self.teacher_logits(images, indices)[0]
+        logits = self.student(images)
+        projected = self.projector(self.features.features["pooled"])
+        match = nn.functional.mse_loss(projected, teacher)
+        ce = self.classification_loss(logits, targets)
+        self._pair = (projected.detach(), teacher)
+        return StepOutput(ce + self.params.weight * match, logits, {"ce": ce.detach(), "match": match.detach()})
+
+    def on_step_end(self, step, output):
+        if step % 2:
+            return {}
+        projected, teacher = self._pair
+        loss = self.critic(projected).mean() - self.critic(teacher).mean()
+        self.critic_optimizer.zero_grad()
+        loss.backward()
+        self.critic_optimizer.step()
+        self.critic_steps += 1
+        return {"critic": loss.detach()}
+
+    def extra_state(self):
+        return {"critic_optimizer": self.critic_optimizer.state_dict(), "critic_steps": self.critic_steps}
+
+    def load_extra_state(self, state):
+        self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+        self.critic_steps = state["critic_steps"]
+
+
+def test_distiller_extension_points_need_no_engine_special_case(tmp_path):
+    recipe = tiny_recipe(tmp_path / "run", teacher={"name": "test_resnet"},
+                         distill={"method": "test_projector_critic", "weight": 0.5}, optim={"epochs": 2})
+    trainer = Trainer(load_recipe(write_recipe(tmp_path / "r.yaml", recipe)), console=quiet())
+    critic_before = trainer.distiller.critic.weight.detach().clone()
+    metrics = trainer.fit()
+
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert all(id(p) in optimized for p in trainer.distiller.projector.parameters())
+    assert not any(id(p) in optimized for p in trainer.distiller.critic.parameters())
+    assert not any(id(p) in optimized for p in trainer.distiller.teachers.parameters())
+    assert trainer.distiller.critic_steps == trainer.global_step // 2 > 0
+    assert not torch.equal(critic_before, trainer.distiller.critic.weight)
+    assert metrics["loss_match"] > 0 and "loss_critic" in metrics
+
+    last = load_checkpoint(tmp_path / "run" / "last.pt")["distiller"]
+    assert "projector.weight" in last["modules"] and last["extra"]["critic_steps"] == trainer.distiller.critic_steps
+    assert not any(k.startswith("teachers.") for k in last["modules"])
+    student = load_checkpoint(tmp_path / "run" / "student.pt")["state_dict"]
+    assert not any(k.startswith(("projector", "critic", "teacher")) for k in student)
+
+    resumed = Trainer(load_recipe(write_recipe(tmp_path / "r.yaml", {**recipe, "optim": {**recipe["optim"],
+                      "epochs": 3}})), resume=True, console=quiet())
+    assert resumed.distiller.critic_steps == trainer.distiller.critic_steps
+    torch.testing.assert_close(resumed.distiller.projector.weight, trainer.distiller.projector.weight)
