@@ -1,7 +1,7 @@
 """Datasets and loaders: torchvision datasets, timm transforms and mixup, distributed samplers."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,6 @@ class DataInfo:
     crop_pct: float = 1.0
     root: str | None = None
     val_dir: str = "val"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
