@@ -127,7 +127,7 @@ class ProjectorAndCritic(Distiller):
     def __init__(self, student, teachers, params, num_classes, label_smoothing=0.0):
         super().__init__(student, teachers, params, num_classes, label_smoothing)
         self.features = self.hook_features(student, {"pooled": "global_pool"})
-        self.projector = nn.LazyLinear(num_classes)
+        self.projector = nn.Linear(student.num_features, num_classes)
         self.critic = nn.Linear(num_classes, 1)
         self.critic_optimizer = torch.optim.SGD(self.critic.parameters(), lr=0.1)
         self.critic_steps = 0
