@@ -56,27 +56,25 @@ def time_runner(runner: Backend, batch: np.ndarray, iters: int, warmup: int) -> 
     return times
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "asimddp", "sve")
+
+
+def _cpuinfo_field(*names: str) -> str | None:
+    """The first /proc/cpuinfo line's value for any of `names` (None off Linux)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.split(":", 1)[0].strip() in names), None)
+
+
+def cpu_model() -> str:
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def cpu_flags() -> list[str]:
     """The instruction-set extensions that decide which INT8/FP16 kernels a runtime can use."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    line = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
-    present = set(line.split(":", 1)[-1].split())
+    present = set((_cpuinfo_field("flags", "Features") or "").split())
     return [flag for flag in CPU_FLAGS if flag in present]
 
 

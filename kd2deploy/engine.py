@@ -61,7 +61,7 @@ class Trainer:
 
     def __init__(self, recipe: Recipe, recipe_file: str | None = None, resume: bool | str = False,
                  overwrite: bool = False, console: Console | None = None):
-        self.recipe, self.recipe_file = recipe, recipe_file
+        self.recipe = recipe
         self.env: DistEnv = init_distributed(recipe.device)
         self.console = console or Console(stderr=True)
         self.run_dir = recipe.run_dir
@@ -324,11 +324,22 @@ def train(recipe: Recipe, recipe_file: str | None = None, resume: bool | str = F
     return Trainer(recipe, recipe_file, resume=resume, overwrite=overwrite, console=console).fit()
 
 
+def student_checkpoint(run_dir: Path) -> Path:
+    """The student.pt of a run folder (or the file itself), with errors that say what to pass instead."""
+    if run_dir.is_file():
+        return run_dir
+    if not run_dir.is_dir():
+        raise UserError(f"Run folder {run_dir} does not exist. Give a run folder written by `kd2deploy train` "
+                        "(its output.dir, holding student.pt) or the student.pt itself.")
+    if not (run_dir / STUDENT).is_file():
+        raise UserError(f"{run_dir} holds no {STUDENT}. `kd2deploy train` writes it when a run finishes; finish the "
+                        "run (`kd2deploy train RECIPE --resume`) or give another run folder.")
+    return run_dir / STUDENT
+
+
 def load_student(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a student from student.pt (or a run folder holding one); returns (model in eval mode, checkpoint)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / STUDENT
+    path = student_checkpoint(Path(path))
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != STUDENT_FORMAT:
         raise UserError(f"{path} is not a kd2deploy student checkpoint (format {STUDENT_FORMAT}). Give a run folder "

@@ -28,8 +28,8 @@ from .backends.base import CHANNELS
 from .backends.pytorch import PyTorchBackend
 from .checkpoint import atomic_write_text, provenance, sha256
 from .data import DataInfo, build_datasets
-from .engine import STUDENT, load_student
-from .errors import CheckFailed, UserError
+from .engine import load_student, student_checkpoint
+from .errors import CheckFailed
 from .models import count_params
 
 EXPORT_DIR = "export"
@@ -37,19 +37,6 @@ EXPORT_DIR = "export"
 
 class ExportVerificationError(CheckFailed):
     """An exported artifact does not reproduce the PyTorch student within tolerance."""
-
-
-def student_checkpoint(run_dir: Path) -> Path:
-    """The student.pt of a run folder (or the file itself), with errors that say what to pass instead."""
-    if run_dir.is_file():
-        return run_dir
-    if not run_dir.is_dir():
-        raise UserError(f"Run folder {run_dir} does not exist. Give a run folder written by `kd2deploy train` "
-                        "(its output.dir, holding student.pt) or the student.pt itself.")
-    if not (run_dir / STUDENT).is_file():
-        raise UserError(f"{run_dir} holds no {STUDENT}. `kd2deploy train` writes it when a run finishes; finish the "
-                        "run (`kd2deploy train RECIPE --resume`) or give another run folder.")
-    return run_dir / STUDENT
 
 
 def predict(runner: Backend, batches: Sequence[np.ndarray]) -> np.ndarray:

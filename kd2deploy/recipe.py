@@ -109,13 +109,11 @@ class Recipe(Section):
     @model_validator(mode="before")
     @classmethod
     def _single_teacher(cls, data: Any) -> Any:
-        # `teacher:` is shorthand for a one-element `teachers:` list
         if isinstance(data, dict) and "teacher" in data:
             if "teachers" in data:
                 raise ValueError("give either `teacher` or `teachers`, not both")
             data = dict(data)
-            teacher = data.pop("teacher")
-            data["teachers"] = [] if teacher is None else [teacher]
+            single_teacher_to_list(data)
         return data
 
     @property
@@ -128,6 +126,13 @@ class Recipe(Section):
 
 
 # ----------------------------------------------------------------------------------------- loading
+
+
+def single_teacher_to_list(raw: dict) -> None:
+    """`teacher:` is shorthand for a one-element `teachers:` list; rewrite it in place."""
+    if "teacher" in raw:
+        teacher = raw.pop("teacher")
+        raw["teachers"] = [] if teacher is None else [teacher]
 
 
 def parse_overrides(overrides: list[str], file: str | None = None) -> list[tuple[list[str], Any]]:
@@ -227,9 +232,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, check_name
                           "Fix the YAML syntax (indentation, colons, quotes).") from None
     if not isinstance(raw, dict):
         raise RecipeError(file, None, "must be a YAML mapping of sections (name, data, student, ...).", "")
-    if "teacher" in raw and "teachers" not in raw:  # one form, so overrides can address either
-        teacher = raw.pop("teacher")
-        raw["teachers"] = [] if teacher is None else [teacher]
+    if "teachers" not in raw:  # one form, so overrides can address either
+        single_teacher_to_list(raw)
     for keys, value in parse_overrides(overrides or [], file):
         apply_override(raw, keys, value, file)
     return validate_recipe(raw, file, check_names=check_names)
