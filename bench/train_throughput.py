@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -19,8 +18,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from kd2deploy.bench import cpu_model
-from kd2deploy.checkpoint import atomic_write_text, library_versions
+from kd2deploy.bench import training_machine
+from kd2deploy.checkpoint import atomic_write_text
 from kd2deploy.engine import Trainer
 from kd2deploy.recipe import validate_recipe
 
@@ -55,12 +54,6 @@ def loader_only(loader) -> dict:
             "images_per_s": images / elapsed, "val_top1": None}
 
 
-def gpu_name() -> str | None:
-    import torch
-
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path.home() / ".cache/kd2deploy/cifar10")
@@ -84,7 +77,7 @@ def main() -> None:
                          "epoch_s": metrics["epoch_s"], "images_per_s": metrics["images_per_s"],
                          "val_top1": metrics["val_top1"]})
     ratio = rows[2]["images_per_s"] / rows[1]["images_per_s"]
-    context = {"cpu": cpu_model(), "cores": os.cpu_count(), "gpu": gpu_name(), "versions": library_versions()}
+    context = training_machine()
     command = "python " + " ".join(sys.argv)
     lines = [
         "# Training throughput, one epoch on the full CIFAR-10 JPEG copy", "",

@@ -102,6 +102,14 @@ def machine_context(threads: int, iters: int, warmup: int, val_images: int, busy
             "command": " ".join(sys.argv), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
+def training_machine() -> dict[str, Any]:
+    """Where a training benchmark ran: CPU, cores, GPU (if any) and library versions."""
+    import torch
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "gpu": gpu, "versions": library_versions()}
+
+
 def bench_deployable(deployable: Deployable, val: Dataset, batches: Sequence[int], input_shape: Sequence[int], *,
                      iters: int, warmup: int, threads: int) -> list[dict[str, Any]]:
     """One row per batch size; top-1 is measured once, it does not depend on the batch size."""

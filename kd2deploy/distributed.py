@@ -50,6 +50,17 @@ def all_reduce_sum(values: dict[str, float], env: DistEnv) -> dict[str, float]:
     return dict(zip(keys, tensor.tolist(), strict=True))
 
 
+def all_reduce_mean_grads(parameters) -> None:
+    """Average gradients over processes, for modules that DDP does not synchronise (own optimizers)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    world = dist.get_world_size()
+    for p in parameters:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world
+
+
 def barrier(env: DistEnv) -> None:
     if env.distributed:
         dist.barrier()

@@ -109,7 +109,8 @@ class Trainer:
         teachers = [create_model(t.name, n, t.pretrained, t.checkpoint, t.kwargs, field=f"teachers.{i}.name")
                     for i, t in enumerate(r.teachers)]
         cls = get_method_class(r.distill.method or "none")
-        return cls(student, teachers, distill_params(r), n, label_smoothing=r.data.augment.label_smoothing)
+        return cls(student, teachers, distill_params(r), n, label_smoothing=r.data.augment.label_smoothing,
+                   mean=self.info.mean, std=self.info.std)
 
     def _per_process_batch(self) -> int:
         global_batch, world = self.recipe.optim.batch_size, self.env.world_size

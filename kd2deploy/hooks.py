@@ -28,3 +28,53 @@ class FeatureHooks:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+class TransformerTap:
+    """Hooks on a timm vision transformer's last attention block (ViT, DeiT, Swin, ...), without editing it.
+
+    After a forward, `read()` gives the block's output tokens h_T (B, N, D) on the patch grid (class and
+    distillation tokens dropped) and that block's per-head Q, K, V (B, heads, N, head_dim), computed from the
+    block's own `norm1` output and `attn.qkv` weights. For a ViT these are exactly the tensors its attention
+    uses; for a windowed transformer (Swin) they are the same per-token Q, K, V, laid out on the full grid.
+    """
+
+    def __init__(self, model: nn.Module):
+        blocks = [(name, module) for name, module in model.named_modules()
+                  if isinstance(getattr(getattr(module, "attn", None), "qkv", None), nn.Linear)
+                  and hasattr(module.attn, "num_heads") and isinstance(getattr(module, "norm1", None), nn.Module)]
+        if not blocks:
+            raise ValueError(f"{type(model).__name__} has no transformer block with `norm1` and `attn.qkv`")
+        self.block_name, self.block = blocks[-1]
+        self.attn = self.block.attn
+        self.num_heads = self.attn.num_heads
+        self.head_dim = self.attn.qkv.out_features // (3 * self.num_heads)
+        self.embed_dim = self.attn.qkv.in_features
+        self.num_prefix_tokens = getattr(model, "num_prefix_tokens", 0)
+        self.grid_size = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+        self.hooks = FeatureHooks(model, {"tokens": self.block_name, "normed": f"{self.block_name}.norm1"})
+
+    def _grid_tokens(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        if x.dim() == 4:  # (B, H, W, C), as Swin's blocks carry it
+            return x.flatten(1, 2), (x.shape[1], x.shape[2])
+        x = x[:, self.num_prefix_tokens:]
+        n = x.shape[1]
+        if self.grid_size is not None and self.grid_size[0] * self.grid_size[1] == n:
+            return x, tuple(self.grid_size)
+        side = round(n**0.5)
+        if side * side != n:
+            raise ValueError(f"cannot lay {n} tokens on a square grid")
+        return x, (side, side)
+
+    def read(self) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor], tuple[int, int]]:
+        """(h_T, (Q, K, V), grid) from the latest forward."""
+        tokens, grid = self._grid_tokens(self.hooks.features["tokens"])
+        normed, _ = self._grid_tokens(self.hooks.features["normed"])
+        b, n, _ = normed.shape
+        q, k, v = self.attn.qkv(normed).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q = self.attn.q_norm(q) if hasattr(self.attn, "q_norm") else q
+        k = self.attn.k_norm(k) if hasattr(self.attn, "k_norm") else k
+        return tokens, (q, k, v), grid
+
+    def remove(self) -> None:
+        self.hooks.remove()

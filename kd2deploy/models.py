@@ -11,6 +11,8 @@ import timm
 import torch
 from timm.models import build_model_with_cfg, register_model
 from timm.models.deit import VisionTransformerDistilled
+from timm.models.resnet import BasicBlock, ResNet
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .checkpoint import load_checkpoint
@@ -21,26 +23,59 @@ CIFAR_STD = (0.2470, 0.2435, 0.2616)
 _CIFAR_CFG = {"input_size": (3, 32, 32), "num_classes": 10, "mean": CIFAR_MEAN, "std": CIFAR_STD, "url": ""}
 
 
-def _distilled_vit(variant: str, pretrained: bool, defaults: dict[str, Any], kwargs: dict[str, Any]
-                   ) -> VisionTransformerDistilled:
-    """timm's distilled DeiT with CIFAR-size defaults; recipe kwargs (e.g. depth) override them."""
+def _cifar_vit(cls: type[VisionTransformer], variant: str, pretrained: bool, defaults: dict[str, Any],
+               kwargs: dict[str, Any]) -> VisionTransformer:
+    """timm's ViT/DeiT with CIFAR-size defaults; recipe kwargs (e.g. depth) override them."""
     args = {"img_size": 32, "patch_size": 4, **defaults, **kwargs}
     args["pretrained_cfg"] = args.get("pretrained_cfg") or dict(_CIFAR_CFG)  # create_model passes None
-    return build_model_with_cfg(VisionTransformerDistilled, variant, pretrained, **args)
+    return build_model_with_cfg(cls, variant, pretrained, **args)
+
+
+@register_model
+def vit_nano_patch4_32(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """A ViT for 32x32 inputs on a CPU budget (64 patch tokens + class token, 96 wide, 6 blocks)."""
+    return _cifar_vit(VisionTransformer, "vit_nano_patch4_32", pretrained,
+                      {"embed_dim": 96, "depth": 6, "num_heads": 3}, kwargs)
 
 
 @register_model
 def deit_nano_distilled_patch4_32(pretrained: bool = False, **kwargs: Any) -> VisionTransformerDistilled:
     """DeiT with a distillation token sized for 32x32 inputs on a CPU budget (64 tokens, 96 wide, 6 blocks)."""
-    return _distilled_vit("deit_nano_distilled_patch4_32", pretrained, {"embed_dim": 96, "depth": 6, "num_heads": 3},
-                          kwargs)
+    return _cifar_vit(VisionTransformerDistilled, "deit_nano_distilled_patch4_32", pretrained,
+                      {"embed_dim": 96, "depth": 6, "num_heads": 3}, kwargs)
 
 
 @register_model
 def deit_tiny_distilled_patch4_32(pretrained: bool = False, **kwargs: Any) -> VisionTransformerDistilled:
     """DeiT-Tiny (192 wide, 12 blocks) with a distillation token, for 32x32 inputs."""
-    return _distilled_vit("deit_tiny_distilled_patch4_32", pretrained, {"embed_dim": 192, "depth": 12, "num_heads": 3},
-                          kwargs)
+    return _cifar_vit(VisionTransformerDistilled, "deit_tiny_distilled_patch4_32", pretrained,
+                      {"embed_dim": 192, "depth": 12, "num_heads": 3}, kwargs)
+
+
+def _cifar_resnet(variant: str, pretrained: bool, layers: tuple[int, ...], kwargs: dict[str, Any]) -> ResNet:
+    """timm's ResNet with the usual CIFAR stem: one 3x3 stride-1 convolution and no max-pool, so a 32x32
+    input ends in a 4x4 map (8x downsampling) instead of timm's 1x1 (32x)."""
+    args = dict(kwargs)
+    args["pretrained_cfg"] = args.get("pretrained_cfg") or dict(_CIFAR_CFG)  # create_model passes None
+    model = build_model_with_cfg(ResNet, variant, pretrained, block=BasicBlock, layers=layers, **args)
+    stem = model.conv1
+    model.conv1 = nn.Conv2d(stem.in_channels, stem.out_channels, 3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    for info in model.feature_info:
+        info["reduction"] = max(1, info["reduction"] // 4)  # the stem (2x) and max-pool (2x) are gone
+    return model
+
+
+@register_model
+def resnet10_cifar(pretrained: bool = False, **kwargs: Any) -> ResNet:
+    """ResNet-10 (one basic block per stage) with the CIFAR stem; `channels`/`stem_width` kwargs narrow it."""
+    return _cifar_resnet("resnet10_cifar", pretrained, (1, 1, 1, 1), kwargs)
+
+
+@register_model
+def resnet18_cifar(pretrained: bool = False, **kwargs: Any) -> ResNet:
+    """ResNet-18 with the CIFAR stem (the usual CIFAR ResNet-18, 11M parameters)."""
+    return _cifar_resnet("resnet18_cifar", pretrained, (2, 2, 2, 2), kwargs)
 
 
 def create_model(name: str, num_classes: int, pretrained: bool = False, checkpoint: Path | None = None,

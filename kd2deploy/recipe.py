@@ -121,8 +121,10 @@ class Recipe(Section):
         return Path(str(self.output.dir).format(name=self.name))
 
     def resolved(self) -> dict[str, Any]:
-        """Plain, JSON-safe dict of every field, defaults filled in: what checkpoints carry."""
-        return self.model_dump(mode="json")
+        """Plain, JSON-safe dict of every field, defaults filled in (the method's too): what checkpoints carry."""
+        resolved = self.model_dump(mode="json")
+        resolved["distill"] = {"method": self.distill.method, **distill_params(self).model_dump(mode="json")}
+        return resolved
 
 
 # ----------------------------------------------------------------------------------------- loading

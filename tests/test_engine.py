@@ -16,7 +16,7 @@ from conftest import quiet, tiny_recipe, write_recipe
 from torch import nn
 
 from kd2deploy.checkpoint import load_checkpoint
-from kd2deploy.distill import Distiller, MethodParams, StepOutput, register_method
+from kd2deploy.distill import Distiller, MethodParams, StepOutput, method_names, register_method
 from kd2deploy.engine import Trainer, load_student, train
 from kd2deploy.models import create_model
 from kd2deploy.recipe import load_recipe
@@ -86,6 +86,22 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     assert _rows(killed)[-1]["val_top1"] == _rows(reference)[-1]["val_top1"]
 
 
+@pytest.mark.parametrize(("method", "teacher", "student"), [
+    ("none", None, {"name": "test_resnet"}),
+    ("kd", {"name": "test_resnet"}, {"name": "test_resnet"}),
+    ("deit", {"name": "test_resnet"}, {"name": "deit_nano_distilled_patch4_32", "kwargs": {"depth": 1}}),
+    ("capkd", {"name": "vit_nano_patch4_32", "kwargs": {"depth": 1}}, {"name": "test_resnet"}),
+])
+def test_every_bundled_method_trains_through_the_engine(tmp_path, method, teacher, student):
+    assert method in method_names()
+    recipe = tiny_recipe(tmp_path / "run", student=student, distill={"method": method},
+                         data={"train_subset": 64}, optim={"batch_size": 32})
+    if teacher:
+        recipe["teacher"] = teacher
+    metrics = train(load_recipe(write_recipe(tmp_path / "r.yaml", recipe)), console=quiet())
+    assert metrics["epoch"] == 1 and metrics["train_images"] == 64
+
+
 def test_torchrun_two_processes_match_one_process(tmp_path):
     """Global batch split over 2 gloo processes: the same global batches, so the same weights as 1 process.
     (A model without BatchNorm, no augmentation and SGD: per-process statistics and randomness cannot differ,
@@ -124,11 +140,11 @@ class ProjectorAndCritic(Distiller):
     name = "test_projector_critic"
     Params = AuxParams
 
-    def __init__(self, student, teachers, params, num_classes, label_smoothing=0.0):
-        super().__init__(student, teachers, params, num_classes, label_smoothing)
-        self.features = self.hook_features(student, {"pooled": "global_pool"})
-        self.projector = nn.Linear(student.num_features, num_classes)
-        self.critic = nn.Linear(num_classes, 1)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.features = self.hook_features(self.student, {"pooled": "global_pool"})
+        self.projector = nn.Linear(self.student.num_features, self.num_classes)
+        self.critic = nn.Linear(self.num_classes, 1)
         self.critic_optimizer = torch.optim.SGD(self.critic.parameters(), lr=0.1)
         self.critic_steps = 0
 

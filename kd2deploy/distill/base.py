@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 
 from ..hooks import FeatureHooks
@@ -39,7 +40,8 @@ class Distiller(nn.Module):
     max_teachers: ClassVar[int] = 1
 
     def __init__(self, student: nn.Module, teachers: list[nn.Module], params: MethodParams, num_classes: int,
-                 label_smoothing: float = 0.0):
+                 label_smoothing: float = 0.0, mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN,
+                 std: tuple[float, ...] = IMAGENET_DEFAULT_STD):
         super().__init__()
         self.student = student
         self.teachers = nn.ModuleList(teachers)
@@ -47,6 +49,7 @@ class Distiller(nn.Module):
         self.params = params
         self.num_classes = num_classes
         self.label_smoothing = label_smoothing
+        self.input_mean, self.input_std = tuple(mean), tuple(std)  # how the batches are normalised
 
     def train(self, mode: bool = True) -> Distiller:
         super().train(mode)

@@ -1,7 +1,7 @@
 """DeiT token distillation (Touvron et al., "Training data-efficient image transformers", ICML 2021)."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch.nn.functional as F
 from pydantic import Field
@@ -31,13 +31,13 @@ class DeiTDistillation(Distiller):
     Params = DeiTParams
 
     def __init__(self, student: nn.Module, teachers: list[nn.Module], params: DeiTParams, num_classes: int,
-                 label_smoothing: float = 0.0):
+                 **kwargs: Any):
         if not hasattr(student, "set_distilled_training"):
             raise UserError(
                 f"distill.method `deit` needs a student with a distillation token, but `{type(student).__name__}` "
                 "has none. Set `student.name` to a distilled DeiT, e.g. deit_tiny_distilled_patch16_224, or "
                 "kd2deploy's CIFAR-size deit_nano_distilled_patch4_32 / deit_tiny_distilled_patch4_32.")
-        super().__init__(student, teachers, params, num_classes, label_smoothing)
+        super().__init__(student, teachers, params, num_classes, **kwargs)
         student.set_distilled_training(True)  # timm API: training forward returns (cls, dist) logits
 
     def forward(self, images: Tensor, targets: Tensor, indices: Tensor | None = None) -> StepOutput:
