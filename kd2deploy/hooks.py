@@ -45,8 +45,8 @@ class TransformerTap:
                   and hasattr(module.attn, "num_heads") and isinstance(getattr(module, "norm1", None), nn.Module)]
         if not blocks:
             raise ValueError(f"{type(model).__name__} has no transformer block with `norm1` and `attn.qkv`")
-        self.block_name, self.block = blocks[-1]
-        self.attn = self.block.attn
+        self.block_name, block = blocks[-1]
+        self.attn = block.attn
         self.num_heads = self.attn.num_heads
         self.head_dim = self.attn.qkv.out_features // (3 * self.num_heads)
         self.embed_dim = self.attn.qkv.in_features

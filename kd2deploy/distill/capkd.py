@@ -60,7 +60,8 @@ class CAPKDParams(MethodParams):
 
 
 def align_to_grid(feature_map: Tensor, grid: tuple[int, int]) -> Tensor:
-    """Resize a student map (B, C, h, w) to the teacher's token grid: bilinear, antialiased when shrinking."""
+    """Resize a map (B, C, h, w) to `grid` (the teacher's token grid or input size): bilinear, antialiased when
+    shrinking."""
     if tuple(feature_map.shape[-2:]) == tuple(grid):
         return feature_map
     shrinking = feature_map.shape[-2] > grid[0] or feature_map.shape[-1] > grid[1]
@@ -252,10 +253,7 @@ class CrossArchitectureKD(Distiller):
 
     def forward(self, images: Tensor, targets: Tensor, indices: Tensor | None = None) -> StepOutput:
         p: CAPKDParams = self.params
-        teacher_images = images
-        if images.shape[-1] != self.teacher_size or images.shape[-2] != self.teacher_size:
-            teacher_images = F.interpolate(images, size=(self.teacher_size,) * 2, mode="bilinear",
-                                           align_corners=False, antialias=images.shape[-1] > self.teacher_size)
+        teacher_images = align_to_grid(images, (self.teacher_size, self.teacher_size))  # same resize rule
         teacher_logits = self.teacher_logits(teacher_images, indices)[0]
         with torch.no_grad():
             h_t, (q_t, k_t, v_t), _ = self.tap.read()
