@@ -28,6 +28,7 @@ from .errors import UserError
 from .evaluate import evaluate
 from .models import create_model
 from .recipe import Recipe, check_files, distill_params
+from .teacher_cache import prepare_teacher_cache
 
 LAST = "last.pt"
 STUDENT = "student.pt"
@@ -72,6 +73,9 @@ class Trainer:
         seed_everything(recipe.optim.seed)  # identical initial weights on every rank
         self.train_set, self.val_set, self.info = build_datasets(recipe.data, recipe.optim.seed)
         self.distiller = self._build_distiller().to(self.env.device)
+        if recipe.teacher_cache.enabled:  # the student then trains on the stored views the outputs belong to
+            self.train_set = prepare_teacher_cache(self.distiller, self.train_set, self.info, recipe, self.env,
+                                                   self.console)
         self.batch_size = self._per_process_batch()
         loader_args = dict(num_workers=recipe.data.num_workers, pin_memory=self.env.device.type == "cuda")
         self.train_loader = train_loader(self.train_set, self.batch_size, seed=recipe.optim.seed, rank=self.env.rank,
@@ -202,6 +206,8 @@ class Trainer:
     def _train_epoch(self, epoch: int) -> dict[str, Any]:
         seed_everything(epoch_seed(self.recipe.optim.seed, epoch, self.env.rank))
         self.train_loader.sampler.set_epoch(epoch)
+        if hasattr(self.train_set, "set_epoch"):  # stored-view datasets pick each image's view per epoch
+            self.train_set.set_epoch(epoch)
         self.model.train()
         # running sums stay on the device; reading them (a GPU sync) happens only every REFRESH steps
         sums: dict[str, torch.Tensor] = {}
@@ -238,6 +244,7 @@ class Trainer:
         if self.mixup is not None:
             images, targets = self.mixup(images, targets)
             hard_targets = targets.argmax(dim=-1)
+        self.distiller.progress = self.global_step / (self.recipe.optim.epochs * len(self.train_loader))
         with self.autocast or contextlib.nullcontext():
             output = self.model(images, targets, indices)
         self.optimizer.zero_grad(set_to_none=True)

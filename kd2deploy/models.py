@@ -20,14 +20,14 @@ from .errors import UserError
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
-_CIFAR_CFG = {"input_size": (3, 32, 32), "num_classes": 10, "mean": CIFAR_MEAN, "std": CIFAR_STD, "url": ""}
+CIFAR_CFG = {"input_size": (3, 32, 32), "num_classes": 10, "mean": CIFAR_MEAN, "std": CIFAR_STD, "url": ""}
 
 
 def _cifar_vit(cls: type[VisionTransformer], variant: str, pretrained: bool, defaults: dict[str, Any],
                kwargs: dict[str, Any]) -> VisionTransformer:
     """timm's ViT/DeiT with CIFAR-size defaults; recipe kwargs (e.g. depth) override them."""
     args = {"img_size": 32, "patch_size": 4, **defaults, **kwargs}
-    args["pretrained_cfg"] = args.get("pretrained_cfg") or dict(_CIFAR_CFG)  # create_model passes None
+    args["pretrained_cfg"] = args.get("pretrained_cfg") or dict(CIFAR_CFG)  # create_model passes None
     return build_model_with_cfg(cls, variant, pretrained, **args)
 
 
@@ -52,18 +52,25 @@ def deit_tiny_distilled_patch4_32(pretrained: bool = False, **kwargs: Any) -> Vi
                       {"embed_dim": 192, "depth": 12, "num_heads": 3}, kwargs)
 
 
-def _cifar_resnet(variant: str, pretrained: bool, layers: tuple[int, ...], kwargs: dict[str, Any]) -> ResNet:
-    """timm's ResNet with the usual CIFAR stem: one 3x3 stride-1 convolution and no max-pool, so a 32x32
-    input ends in a 4x4 map (8x downsampling) instead of timm's 1x1 (32x)."""
-    args = dict(kwargs)
-    args["pretrained_cfg"] = args.get("pretrained_cfg") or dict(_CIFAR_CFG)  # create_model passes None
-    model = build_model_with_cfg(ResNet, variant, pretrained, block=BasicBlock, layers=layers, **args)
+def cifar_stem(model: ResNet) -> ResNet:
+    """Give a timm ResNet the usual CIFAR stem: stride 1 and no max-pool, so a 32x32 input ends in a 4x4 map
+    (8x downsampling) instead of timm's 1x1 (32x). A single-conv stem becomes one 3x3 convolution; a deep stem
+    keeps its layers with its first convolution at stride 1."""
     stem = model.conv1
-    model.conv1 = nn.Conv2d(stem.in_channels, stem.out_channels, 3, stride=1, padding=1, bias=False)
+    if isinstance(stem, nn.Sequential):
+        stem[0].stride = (1, 1)
+    else:
+        model.conv1 = nn.Conv2d(stem.in_channels, stem.out_channels, 3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()
     for info in model.feature_info:
         info["reduction"] = max(1, info["reduction"] // 4)  # the stem (2x) and max-pool (2x) are gone
     return model
+
+
+def _cifar_resnet(variant: str, pretrained: bool, layers: tuple[int, ...], kwargs: dict[str, Any]) -> ResNet:
+    args = dict(kwargs)
+    args["pretrained_cfg"] = args.get("pretrained_cfg") or dict(CIFAR_CFG)  # create_model passes None
+    return cifar_stem(build_model_with_cfg(ResNet, variant, pretrained, block=BasicBlock, layers=layers, **args))
 
 
 @register_model
@@ -130,3 +137,6 @@ def load_weights(model: nn.Module, path: Path, field: str = "checkpoint") -> Non
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+from . import involution, token_vit  # noqa: E402,F401  (register their models with timm)

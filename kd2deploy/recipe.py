@@ -89,6 +89,17 @@ class OptimConfig(Section):
     seed: int = 0
 
 
+class TeacherCacheConfig(Section):
+    """Precomputed teacher outputs (kd2deploy/teacher_cache.py): computed once, memory-mapped, shared by runs."""
+
+    enabled: bool = Field(False, description="read teacher outputs from the cache instead of running the teachers")
+    views: int = Field(4, ge=1, description="stored crop/flip views per image (FKD-style); 1 when augment is off")
+    dir: Path | None = Field(None, description="cache folder; default $KD2DEPLOY_CACHE/teacher_outputs or "
+                                               "~/.cache/kd2deploy/teacher_outputs")
+    dense_topk: int = Field(10, ge=1, description="dense (per-position) outputs keep the top-k probabilities")
+    batch_size: int = Field(256, ge=1, description="views per teacher forward while building")
+
+
 class OutputConfig(Section):
     dir: Path = Field(Path("runs/{name}"), description="run folder; {name} is the recipe name")
     save_every: int = Field(1, ge=1, description="write the resumable checkpoint every N epochs")
@@ -103,6 +114,7 @@ class Recipe(Section):
     student: ModelSpec
     distill: DistillConfig = Field(default_factory=DistillConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
+    teacher_cache: TeacherCacheConfig = Field(default_factory=TeacherCacheConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 

@@ -86,20 +86,28 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     assert _rows(killed)[-1]["val_top1"] == _rows(reference)[-1]["val_top1"]
 
 
-@pytest.mark.parametrize(("method", "teacher", "student"), [
-    ("none", None, {"name": "test_resnet"}),
-    ("kd", {"name": "test_resnet"}, {"name": "test_resnet"}),
-    ("deit", {"name": "test_resnet"}, {"name": "deit_nano_distilled_patch4_32", "kwargs": {"depth": 1}}),
-    ("capkd", {"name": "vit_nano_patch4_32", "kwargs": {"depth": 1}}, {"name": "test_resnet"}),
+TINY_RESNET = {"name": "test_resnet"}
+TINY_REDNET = {"name": "rednet26_cifar", "kwargs": {"channels": [8, 8, 16, 16], "stem_width": 8,
+                                                     "involution_kernel": 3, "group_channels": 8}}
+TINY_TOKEN_VIT = {"name": "libkd_nano_patch4_32", "kwargs": {"depth": 1}}
+
+
+@pytest.mark.parametrize(("method", "teachers", "student"), [
+    ("none", [], {"name": "test_resnet"}),
+    ("kd", [TINY_RESNET], {"name": "test_resnet"}),
+    ("deit", [TINY_RESNET], {"name": "deit_nano_distilled_patch4_32", "kwargs": {"depth": 1}}),
+    ("capkd", [{"name": "vit_nano_patch4_32", "kwargs": {"depth": 1}}], {"name": "test_resnet"}),
+    ("libkd", [TINY_RESNET, TINY_REDNET], TINY_TOKEN_VIT),
+    ("cit", [TINY_RESNET, TINY_REDNET], {"name": "cit_nano_patch4_32", "kwargs": {"depth": 1}}),
+    ("cskd", [TINY_RESNET], TINY_TOKEN_VIT),
 ])
-def test_every_bundled_method_trains_through_the_engine(tmp_path, method, teacher, student):
+def test_every_bundled_method_trains_through_the_engine(tmp_path, method, teachers, student):
     assert method in method_names()
-    recipe = tiny_recipe(tmp_path / "run", student=student, distill={"method": method},
+    recipe = tiny_recipe(tmp_path / "run", student=student, distill={"method": method}, teachers=teachers,
                          data={"train_subset": 64}, optim={"batch_size": 32})
-    if teacher:
-        recipe["teacher"] = teacher
     metrics = train(load_recipe(write_recipe(tmp_path / "r.yaml", recipe)), console=quiet())
     assert metrics["epoch"] == 1 and metrics["train_images"] == 64
+    assert set(method_names()) == {"none", "kd", "deit", "capkd", "libkd", "cit", "cskd"}  # each one is tested here
 
 
 def test_torchrun_two_processes_match_one_process(tmp_path):

@@ -19,7 +19,7 @@ def method_names() -> list[str]:
     return sorted(_METHODS)
 
 
-from . import capkd, deit, kd, plain  # noqa: E402,F401  (imported last: they register in the table above)
+from . import capkd, cit, cskd, deit, kd, libkd, plain  # noqa: E402,F401  (imported last: they register in the table above)
 
 __all__ = [
     "Distiller",

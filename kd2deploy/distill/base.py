@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 
+from ..errors import UserError
 from ..hooks import FeatureHooks
 
 
@@ -38,6 +39,9 @@ class Distiller(nn.Module):
     Params: ClassVar[type[MethodParams]] = MethodParams
     min_teachers: ClassVar[int] = 1
     max_teachers: ClassVar[int] = 1
+    # whether the teacher-output cache can stand in for the teachers: only if the method reads nothing but
+    # `teacher_output` (CAP-KD reads teacher features every step, so it cannot)
+    cacheable: ClassVar[bool] = True
 
     def __init__(self, student: nn.Module, teachers: list[nn.Module], params: MethodParams, num_classes: int,
                  label_smoothing: float = 0.0, mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN,
@@ -46,10 +50,13 @@ class Distiller(nn.Module):
         self.student = student
         self.teachers = nn.ModuleList(teachers)
         self.teachers.requires_grad_(False)
+        self.teachers.eval()  # frozen from the start: e.g. the teacher-output cache runs them before training
         self.params = params
         self.num_classes = num_classes
         self.label_smoothing = label_smoothing
         self.input_mean, self.input_std = tuple(mean), tuple(std)  # how the batches are normalised
+        self.teacher_cache: Any = None  # a TeacherCache once the engine attaches one
+        self.progress = 0.0  # fraction of training done, set by the engine before each step (for schedules)
 
     def train(self, mode: bool = True) -> Distiller:
         super().train(mode)
@@ -60,10 +67,26 @@ class Distiller(nn.Module):
     def forward(self, images: Tensor, targets: Tensor, indices: Tensor | None = None) -> StepOutput:
         raise NotImplementedError
 
+    def teacher_output(self, index: int, images: Tensor) -> dict[str, Tensor]:
+        """What teacher `index` tells the student about a batch: "logits" (B, C), plus, for methods that override
+        this, "dense" per-position probabilities (B, P, C). The teacher-output cache stores exactly this."""
+        return {"logits": self.teachers[index](images)}
+
+    def teacher_output_signature(self) -> dict[str, Any]:
+        """Everything besides the teacher, data and views that shapes `teacher_output` (part of the cache key)."""
+        return {"outputs": ["logits"]}
+
     @torch.no_grad()
+    def teacher_outputs(self, images: Tensor, indices: Tensor | None = None) -> list[dict[str, Tensor]]:
+        """Every teacher's outputs for the batch: read from the teacher-output cache when one is attached (the
+        batch's `indices` then name stored views), otherwise computed by the teachers."""
+        if self.teacher_cache is not None and indices is not None:
+            return self.teacher_cache.lookup(indices, images.device)
+        return [self.teacher_output(i, images) for i in range(len(self.teachers))]
+
     def teacher_logits(self, images: Tensor, indices: Tensor | None = None) -> list[Tensor]:
-        """Each teacher's logits for the batch; the single place a teacher-output cache can plug in."""
-        return [teacher(images) for teacher in self.teachers]
+        """Each teacher's logits for the batch."""
+        return [output["logits"] for output in self.teacher_outputs(images, indices)]
 
     def classification_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
         """Cross-entropy with hard labels, or with the soft targets mixup/cutmix produce."""
@@ -106,6 +129,25 @@ class Distiller(nn.Module):
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         pass
+
+
+def require_distill_tokens(student: nn.Module, count: int, method: str, example: str) -> None:
+    """A UserError unless `student` has exactly `count` distillation tokens (heads beside the class head)."""
+    from ..token_vit import num_distill_tokens
+
+    have = num_distill_tokens(student)
+    if have != count:
+        raise UserError(
+            f"distill.method `{method}` needs a student with {count} distillation token(s), but "
+            f"`{type(student).__name__}` has {have} (student.name). Use e.g. {example}, or set "
+            f"`student.kwargs.num_distill_tokens: {count}` on one of kd2deploy's token ViTs.")
+
+
+def fused_logits(student: nn.Module, head_logits: tuple[Tensor, ...]) -> Tensor:
+    """The prediction a token student makes at inference from its heads' logits (class head first)."""
+    if getattr(student, "head_fusion", "mean") == "cls":
+        return head_logits[0].detach()
+    return torch.stack([z.detach() for z in head_logits]).mean(dim=0)
 
 
 def kl_divergence(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:

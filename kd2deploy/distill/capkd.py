@@ -198,6 +198,7 @@ class CrossArchitectureKD(Distiller):
 
     name = "capkd"
     Params = CAPKDParams
+    cacheable = False  # it reads the teacher's attention and tokens every step
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -254,8 +255,8 @@ class CrossArchitectureKD(Distiller):
     def forward(self, images: Tensor, targets: Tensor, indices: Tensor | None = None) -> StepOutput:
         p: CAPKDParams = self.params
         teacher_images = align_to_grid(images, (self.teacher_size, self.teacher_size))  # same resize rule
-        teacher_logits = self.teacher_logits(teacher_images, indices)[0]
         with torch.no_grad():
+            teacher_logits = self.teacher_output(0, teacher_images)["logits"]  # online: the taps need this forward
             h_t, (q_t, k_t, v_t), _ = self.tap.read()
             attn_t = (q_t @ k_t.transpose(-2, -1) * self.tap.head_dim**-0.5).softmax(dim=-1)
             v_rel_t = v_t @ v_t.transpose(-2, -1) * self.tap.head_dim**-0.5

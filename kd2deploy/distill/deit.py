@@ -7,9 +7,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from ..errors import UserError
 from . import register_method
-from .base import Distiller, MethodParams, StepOutput, kl_divergence
+from .base import Distiller, MethodParams, StepOutput, fused_logits, kl_divergence, require_distill_tokens
 
 
 class DeiTParams(MethodParams):
@@ -24,7 +23,8 @@ class DeiTDistillation(Distiller):
 
     soft (DeiT Eq. 2): (1 − λ)·CE(ψ(Z_cls), y) + λ·τ²·KL(ψ(Z_t/τ) ‖ ψ(Z_dist/τ))
     hard (DeiT Eq. 3, λ = ½ by default): (1 − λ)·CE(ψ(Z_cls), y) + λ·CE(ψ(Z_dist), argmax Z_t)
-    At inference the two heads' logits are averaged (timm's VisionTransformerDistilled does this in eval).
+    At inference the two heads' logits are averaged (timm's VisionTransformerDistilled does this in eval; kd2deploy's
+    token ViTs follow their `head_fusion`).
     """
 
     name = "deit"
@@ -32,11 +32,8 @@ class DeiTDistillation(Distiller):
 
     def __init__(self, student: nn.Module, teachers: list[nn.Module], params: DeiTParams, num_classes: int,
                  **kwargs: Any):
-        if not hasattr(student, "set_distilled_training"):
-            raise UserError(
-                f"distill.method `deit` needs a student with a distillation token, but `{type(student).__name__}` "
-                "has none. Set `student.name` to a distilled DeiT, e.g. deit_tiny_distilled_patch16_224, or "
-                "kd2deploy's CIFAR-size deit_nano_distilled_patch4_32 / deit_tiny_distilled_patch4_32.")
+        require_distill_tokens(student, 1, "deit", "deit_tiny_distilled_patch16_224, or kd2deploy's CIFAR-size "
+                               "deit_nano_distilled_patch4_32 / libkd_nano_patch4_32")
         super().__init__(student, teachers, params, num_classes, **kwargs)
         student.set_distilled_training(True)  # timm API: training forward returns (cls, dist) logits
 
@@ -45,10 +42,15 @@ class DeiTDistillation(Distiller):
         teacher = self.teacher_logits(images, indices)[0]
         cls_logits, dist_logits = self.student(images)
         ce = self.classification_loss(cls_logits, targets)
-        if p.distillation_type == "soft":
-            distill = kl_divergence(dist_logits, teacher, p.tau)
-        else:
-            distill = F.cross_entropy(dist_logits, teacher.argmax(dim=-1))
+        distill = token_distillation_loss(dist_logits, teacher, p.distillation_type, p.tau)
         loss = (1 - p.alpha) * ce + p.alpha * distill
-        logits = (cls_logits.detach() + dist_logits.detach()) / 2
+        logits = fused_logits(self.student, (cls_logits, dist_logits))
         return StepOutput(loss, logits, {"ce": ce.detach(), "distill": distill.detach()})
+
+
+def token_distillation_loss(dist_logits: Tensor, teacher_logits: Tensor, kind: str, tau: float) -> Tensor:
+    """DeiT's distillation-token loss: soft τ²·KL(ψ(Z_t/τ) ‖ ψ(Z_dist/τ)) (Eq. 2) or hard CE(Z_dist, argmax Z_t)
+    (Eq. 3)."""
+    if kind == "soft":
+        return kl_divergence(dist_logits, teacher_logits, tau)
+    return F.cross_entropy(dist_logits, teacher_logits.argmax(dim=-1))
