@@ -18,7 +18,6 @@ from typing import Any, Literal
 import torch
 from timm.layers import ConvNormAct, PatchEmbed, trunc_normal_
 from timm.models import build_model_with_cfg, register_model
-from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
@@ -142,14 +141,14 @@ def num_distill_tokens(model: nn.Module) -> int:
     """How many distillation tokens (heads beside the class head) a student has: 0 for a plain model."""
     if isinstance(model, TokenViT):
         return model.num_distill_tokens
-    return 1 if isinstance(model, VisionTransformerDistilled) else 0
+    return 1 if hasattr(model, "set_distilled_training") else 0  # timm's DeiT protocol: one distillation token
 
 
 def distill_token_heads(model: nn.Module) -> list[nn.Module]:
     """The heads of the distillation tokens, in token order."""
     if isinstance(model, TokenViT):
         return list(model.token_heads)
-    return [model.head_dist] if isinstance(model, VisionTransformerDistilled) else []
+    return [model.head_dist] if hasattr(model, "head_dist") else []
 
 
 def _token_vit(variant: str, pretrained: bool, defaults: dict[str, Any], kwargs: dict[str, Any]) -> TokenViT:
