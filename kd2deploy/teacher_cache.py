@@ -18,6 +18,7 @@ complete, sharded over torchrun ranks.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -82,7 +83,7 @@ class ViewSpec:
     def render(self, image: Any, params: np.ndarray) -> Tensor:
         """The normalised view tensor for stored parameters: the same pixels every time."""
         if not self.augment:
-            return self._eval_transform(image)
+            return _eval_transform(self)(image)
         top, left, height, width, flip = (int(v) for v in params)
         view = TF.resized_crop(image, top, left, height, width, [self.img_size, self.img_size],
                                interpolation=InterpolationMode(self.interpolation), antialias=True)
@@ -90,9 +91,12 @@ class ViewSpec:
             view = TF.hflip(view)
         return TF.normalize(TF.to_tensor(view), list(self.mean), list(self.std))
 
-    def _eval_transform(self, image: Any) -> Tensor:
-        info = DataInfo("", 0, [], self.img_size, self.mean, self.std, self.interpolation, self.crop_pct)
-        return eval_transform(info)(image)
+
+
+@functools.cache
+def _eval_transform(spec: ViewSpec) -> Any:
+    """The eval transform of the no-augmentation mode, built once per spec rather than per image."""
+    return eval_transform(DataInfo("", 0, [], spec.img_size, spec.mean, spec.std, spec.interpolation, spec.crop_pct))
 
 
 class _AllViews(Dataset):
