@@ -28,7 +28,8 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "kd2deploy.manifest/1"
 EVAL_BATCH = 64
 ACCEPTED_TARGETS = ("a run folder (holding student.pt), a student.pt, an export folder (holding manifest.json) "
-                    "or an .onnx file inside an export folder")
+                    "or an artifact file (.onnx, .xml, .engine) inside an export folder")
+ARTIFACT_SUFFIXES = (".onnx", ".xml", ".engine")
 
 
 def print_table(console: Console, table: Table) -> None:
@@ -40,6 +41,19 @@ def print_table(console: Console, table: Table) -> None:
     natural = console.measure(table, options=console.options.update_width(10_000)).maximum
     options = console.options.update_width(max(console.width, natural))
     console.print(Segments(console.render(table, options)), crop=False)
+
+
+def check_summary(check: dict[str, Any], with_top1: bool = False) -> str:
+    """One line for an artifact's export verification: logit parity (FP32/FP16) or top-1 agreement (INT8)."""
+    if "skipped" in check:
+        return "not verified at export"
+    if "max_abs_diff" in check:
+        text = f"max |Δ logit| {check['max_abs_diff']:.2g} (atol {check['atol']:g})"
+    else:
+        text = f"top-1 agreement {check['top1_agreement']:.1f}%"
+    if with_top1:
+        text += f"; top-1 {check['top1']:.2f}% on {check['samples']} images"
+    return text
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -97,10 +111,12 @@ class Deployable:
     backend: str
     precision: str
     path: Path
+    record: dict[str, Any] | None = None  # the manifest entry, with the export's verification
 
     @property
     def size_bytes(self) -> int:
-        return self.path.stat().st_size
+        """All the artifact's files (OpenVINO's weights are in the .bin beside the .xml)."""
+        return self.record["size_bytes"] if self.record else self.path.stat().st_size
 
     def load(self, threads: int = 0) -> Backend:
         return get_backend(self.backend).load(self.path, threads)
@@ -137,10 +153,14 @@ def artifact_deployable(folder: Path, record: dict[str, Any]) -> Deployable:
     if not path.is_file():
         raise UserError(f"{path}, listed in {folder / MANIFEST} as `{record['name']}`, does not exist. Re-export "
                         "with `kd2deploy export RUN_DIR`, or copy the whole export folder.")
-    if sha256(path) != record["sha256"]:
-        raise UserError(f"{path} changed since it was exported and verified (its sha256 differs from "
-                        f"{folder / MANIFEST}). Re-export with `kd2deploy export RUN_DIR`.")
-    return Deployable(record["name"], record["backend"], record["precision"], path)
+    expected = {record["file"]: record["sha256"], **record.get("companions", {})}
+    for relative, digest in expected.items():
+        file = folder / relative
+        if not file.is_file() or sha256(file) != digest:
+            raise UserError(f"{file} is missing or changed since it was exported and verified (its sha256 differs "
+                            f"from {folder / MANIFEST}). Re-export with `kd2deploy export RUN_DIR`, or copy the whole "
+                            "export folder.")
+    return Deployable(record["name"], record["backend"], record["precision"], path, record)
 
 
 def manifest_deployables(folder: Path, manifest: dict[str, Any]) -> list[Deployable]:
@@ -180,13 +200,13 @@ def _resolve_target(target: Path) -> tuple[list[Deployable], DataConfig, int]:
     if target.is_dir() and (target / MANIFEST).is_file():
         manifest = load_manifest(target)
         return manifest_deployables(target, manifest), *manifest_data(manifest, target)
-    if target.is_file() and target.suffix == ".onnx":
-        folder = target.parent
+    if target.is_file() and target.suffix in ARTIFACT_SUFFIXES:
+        folder = next((p for p in target.parents if (p / MANIFEST).is_file()), target.parent)
         manifest = load_manifest(folder)
         records = [r for r in manifest["artifacts"] if (folder / r["file"]).resolve() == target.resolve()]
         if not records:
-            raise UserError(f"{target} is not listed in {folder / MANIFEST}. Evaluate an .onnx file written by "
-                            "`kd2deploy export`, from its export folder.")
+            raise UserError(f"{target} is not listed in {folder / MANIFEST}. Evaluate an artifact written by "
+                            "`kd2deploy export`, inside its export folder.")
         return [artifact_deployable(folder, records[0])], *manifest_data(manifest, folder)
     student = _student_path(target)
     if student is None:
@@ -207,13 +227,15 @@ def evaluate_target(target: Path, val_samples: int | None = None, console: Conso
     for deployable in deployables:
         with console.status(f"evaluating {deployable.name} on {len(val)} val images"):
             metrics = evaluate_runner(deployable.load(), val)
+        export_check = deployable.record["verification"] if deployable.record else None
         results.append({"target": deployable.name, "backend": deployable.backend,
-                        "precision": deployable.precision, **metrics})
+                        "precision": deployable.precision, **metrics, "export_check": export_check})
     table = Table("target", "backend", "precision", Column("top-1 %", justify="right"),
-                  Column("top-5 %", justify="right"), Column("images", justify="right"),
+                  Column("top-5 %", justify="right"), Column("images", justify="right"), "checked at export",
                   title=f"{target} on {cfg.dataset} val")
     for r in results:
+        check = r["export_check"]
         table.add_row(r["target"], r["backend"], r["precision"], f"{r['top1']:.2f}", f"{r['top5']:.2f}",
-                      str(r["count"]))
+                      str(r["count"]), check_summary(check, with_top1=True) if check else "-")
     print_table(console, table)
     return {"target": str(target), "dataset": cfg.dataset, "results": results}

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ from .artifacts import (
 )
 from .backends import Backend
 from .checkpoint import atomic_write_text, library_versions
+from .machine import cpu_flags, cpu_model
 
 # (row key, column header, format): one list drives the console table and bench.md; numbers align right
 COLUMNS = [("artifact", "artifact", "{}"), ("backend", "backend", "{}"), ("precision", "precision", "{}"),
@@ -54,28 +54,6 @@ def time_runner(runner: Backend, batch: np.ndarray, iters: int, warmup: int) -> 
         runner.run(batch)
         times.append(time.perf_counter() - start)
     return times
-
-
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "asimddp", "sve")
-
-
-def _cpuinfo_field(*names: str) -> str | None:
-    """The first /proc/cpuinfo line's value for any of `names` (None off Linux)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return None
-    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.split(":", 1)[0].strip() in names), None)
-
-
-def cpu_model() -> str:
-    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
-
-
-def cpu_flags() -> list[str]:
-    """The instruction-set extensions that decide which INT8/FP16 kernels a runtime can use."""
-    present = set((_cpuinfo_field("flags", "Features") or "").split())
-    return [flag for flag in CPU_FLAGS if flag in present]
 
 
 def busy_cores_elsewhere(window_s: float = 0.5) -> float:

@@ -69,21 +69,49 @@ def train(
     run_training(loaded, str(path), resume=resume, overwrite=overwrite)
 
 
+def _csv(text: str | None) -> list[str] | None:
+    return None if text is None else [v.strip().lower() for v in text.split(",") if v.strip()]
+
+
 @app.command()
 @user_errors
 def export(
-    run_dir: Path = typer.Argument(..., help="A run folder (holding student.pt) or a student.pt file."),
-    int8: bool = typer.Option(False, "--int8", help="Also write a static INT8 (QDQ) ONNX model."),
+    source: Path = typer.Argument(..., help="A run folder (or its student.pt); or an export folder, to add artifacts "
+                                            "built from its ONNX graph (TensorRT engines on the target device)."),
+    formats: str | None = typer.Option(None, "--format", help="Comma-separated: onnx, openvino, tensorrt "
+                                                              "(default: the target's)."),
+    precisions: str | None = typer.Option(None, "--precision", help="Comma-separated: fp32, fp16, int8 "
+                                                                    "(default: the target's)."),
+    int8: bool = typer.Option(False, "--int8", help="Add int8 to the precisions."),
+    target: str | None = typer.Option(None, "--target", help="Target profile: a name in export/ (laptop-x86, "
+                                                             "arm64-cpu, jetson-orin, rtx-gpu) or a YAML path. "
+                                                             "Default: this machine's CPU profile."),
     calib_samples: int = typer.Option(256, "--calib-samples", min=1, help="Training images used for calibration."),
-    out: Path | None = typer.Option(None, "--out", help="Artifact folder (default: RUN_DIR/export)."),
-    atol: float = typer.Option(1e-3, "--atol", help="Max abs logit difference allowed between ONNX and PyTorch."),
-    parity_samples: int = typer.Option(256, "--parity-samples", min=1, help="Val images for the parity check."),
+    calib_method: str | None = typer.Option(None, "--calib-method", help="minmax, entropy or percentile "
+                                                                          "(default: the target's)."),
+    max_drop: float | None = typer.Option(None, "--max-drop", min=0, help="OpenVINO INT8: accuracy-controlled "
+                                          "quantization, at most this many top-1 points lost on the val images."),
+    out: Path | None = typer.Option(None, "--out", help="Export folder (default: RUN_DIR/export, or SOURCE itself "
+                                                        "when it is an export folder)."),
+    atol: float = typer.Option(1e-3, "--atol", help="Max abs logit difference allowed for FP32 artifacts."),
+    atol_fp16: float = typer.Option(5e-2, "--atol-fp16", help="Max abs logit difference allowed for FP16 ones."),
+    val_samples: int = typer.Option(1000, "--val-samples", min=1, help="Val images every artifact is checked on."),
+    dynamic_size: bool | None = typer.Option(None, "--dynamic-size/--static-size", help="Dynamic height and width "
+                                             "in the ONNX graph (default: the target's)."),
+    speed_check: bool = typer.Option(True, "--speed-check/--no-speed-check", help="Time INT8 against FP32 at "
+                                     "batch 1 on this machine and recommend the faster."),
 ) -> None:
-    """Export the student to ONNX (and INT8), verify it against PyTorch and write manifest.json."""
+    """Export the student to ONNX, OpenVINO and TensorRT artifacts, verify each on real val images, write
+    manifest.json. Exits 2, after writing the rest, when a requested backend is missing here."""
     from .exporting import export_run
 
-    manifest = export_run(run_dir, out_dir=out, int8=int8, calib_samples=calib_samples, atol=atol,
-                          parity_samples=parity_samples, console=console)
+    precision_list = _csv(precisions)
+    if int8:
+        precision_list = [*(precision_list or ["fp32"]), "int8"]
+    manifest = export_run(source, out_dir=out, formats=_csv(formats), precisions=precision_list, target=target,
+                          calib_samples=calib_samples, calib_method=calib_method, max_drop=max_drop, atol=atol,
+                          atol_fp16=atol_fp16, val_samples=val_samples, dynamic_size=dynamic_size,
+                          speed=speed_check, console=console)
     console.print(f"Artifacts and manifest: {manifest['artifact_dir']}")
 
 

@@ -19,6 +19,9 @@ CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 
 
+CHANNELS = 3  # every kd2deploy dataset yields RGB images, so every artifact takes 3-channel NCHW input
+
+
 @dataclass
 class DataInfo:
     """What a deployed model needs to know about its inputs; stored in checkpoints and manifests."""

@@ -1,10 +1,14 @@
-"""`kd2deploy export`: the student to ONNX (and INT8), verified against PyTorch on real images, with a manifest."""
+"""`kd2deploy export`: the student to ONNX, OpenVINO and TensorRT artifacts at the precisions a target profile
+names; every artifact verified on real val images (parity with PyTorch, top-1) and INT8 timed against FP32 on the
+build machine; one folder per artifact and a manifest.json describing them all."""
 from __future__ import annotations
 
 import json
 import shutil
 import tempfile
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -12,140 +16,227 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 from rich.table import Column, Table
+from torch import nn
 
 from .artifacts import (
     EVAL_BATCH,
     MANIFEST,
     MANIFEST_FORMAT,
+    check_summary,
     data_config,
+    load_manifest,
     numpy_batches,
     print_table,
     random_subset,
     spread_subset,
 )
-from .backends import Backend, ExportRequest, get_backend
-from .backends.base import CHANNELS
+from .backends import Backend, BackendUnavailable, ExportRequest, backend_for_format, get_backend
+from .backends.ort import ONNX_FILE
 from .backends.pytorch import PyTorchBackend
 from .checkpoint import atomic_write_text, provenance, sha256
-from .data import DataInfo, build_datasets
+from .data import CHANNELS, DataInfo, build_datasets
 from .engine import load_student, student_checkpoint
-from .errors import CheckFailed
+from .errors import CheckFailed, UserError
 from .models import count_params
+from .onnx_export import export_onnx
+from .targets import CALIB_METHODS, FORMATS, PRECISIONS, TargetProfile, host_target, load_target
 
 EXPORT_DIR = "export"
+FP32_ONNX = f"onnx-fp32/{ONNX_FILE}"
+SPEED_SECONDS = 1.5  # per artifact: enough batch-1 runs for a stable median on a quiet machine
 
 
 class ExportVerificationError(CheckFailed):
     """An exported artifact does not reproduce the PyTorch student within tolerance."""
 
 
+@dataclass
+class ExportSource:
+    """What artifacts are built from: a trained student (a run folder) or an earlier export folder's ONNX graph
+    (on a target device, to add TensorRT engines without PyTorch weights)."""
+
+    model: nn.Module | None
+    info: DataInfo
+    data: dict[str, Any]  # the run's recipe data section: rebuilds its train/val split
+    seed: int
+    model_spec: dict[str, Any]
+    checkpoint: dict[str, str]  # {"path", "sha256"} of the student.pt the artifacts descend from
+    params: int
+    export_dir: Path | None = None  # set when building from an export folder
+
+
+def load_source(source: Path) -> ExportSource:
+    if source.is_dir() and (source / MANIFEST).is_file():
+        manifest = load_manifest(source)
+        if "data_info" not in manifest or not (source / FP32_ONNX).is_file():
+            raise UserError(f"{source} was exported by an older kd2deploy (no {FP32_ONNX} or no data_info in its "
+                            "manifest). Re-export it from its run folder with `kd2deploy export RUN_DIR`.")
+        return ExportSource(None, DataInfo.from_dict(manifest["data_info"]), manifest["data"], manifest["split_seed"],
+                            manifest["model"], manifest["source_checkpoint"], manifest["model"]["params"], source)
+    student_path = student_checkpoint(source)
+    model, ckpt = load_student(student_path)
+    recipe = ckpt["recipe"]
+    checkpoint = {"path": str(student_path.resolve()), "sha256": sha256(student_path)}
+    return ExportSource(model, DataInfo.from_dict(ckpt["data"]), recipe["data"], recipe["optim"]["seed"], ckpt["model"],
+                        checkpoint, count_params(model))
+
+
+# ----------------------------------------------------------------------------------------- verification
 def predict(runner: Backend, batches: Sequence[np.ndarray]) -> np.ndarray:
     return np.concatenate([runner.run(images) for images in batches])
 
 
 def verification(precision: str, logits: np.ndarray, reference: np.ndarray, targets: np.ndarray,
                  atol: float) -> dict[str, Any]:
-    """How an artifact's logits compare with the PyTorch student's on the same images.
+    """How an artifact's logits compare with the reference's (the PyTorch student's) on the same val images.
 
-    Full-precision artifacts must match the logits within atol; INT8 ones cannot, so they report how often
-    their top-1 class agrees with the student's instead."""
+    FP32 and FP16 artifacts must match the logits within atol; INT8 ones cannot, so they are judged by how often
+    their top-1 class agrees with the reference's. Every artifact reports its top-1 on the images."""
     predicted = logits.argmax(axis=1)
-    result: dict[str, Any] = {"samples": len(targets), "top1": 100 * float(np.mean(predicted == targets))}
-    if precision == "int8":
-        result["top1_agreement"] = 100 * float(np.mean(predicted == reference.argmax(axis=1)))
-    else:
+    result: dict[str, Any] = {"samples": len(targets), "top1": 100 * float(np.mean(predicted == targets)),
+                              "top1_agreement": 100 * float(np.mean(predicted == reference.argmax(axis=1)))}
+    if precision != "int8":
         max_abs_diff = float(np.abs(logits - reference).max())
         result.update(max_abs_diff=max_abs_diff, atol=atol, passed=bool(max_abs_diff <= atol))
     return result
 
 
 def verify_artifacts(records: list[dict[str, Any]], out_dir: Path, reference: Backend,
-                     batches: list[tuple[np.ndarray, np.ndarray]], atol: float, destination: Path) -> None:
-    """Fill in each record's `verification`; raise ExportVerificationError for logits beyond atol."""
+                     batches: list[tuple[np.ndarray, np.ndarray]], atol: dict[str, float],
+                     destination: Path) -> dict[str, Any]:
+    """Fill in each record's `verification`; returns the reference's own top-1. Raises ExportVerificationError
+    for logits beyond tolerance."""
     images = [x for x, _ in batches]
     targets = np.concatenate([y for _, y in batches])
     expected = predict(reference, images)
+    reference_top1 = 100 * float(np.mean(expected.argmax(axis=1) == targets))
     for record in records:
-        runner = get_backend(record["backend"]).load(out_dir / record["file"])
-        record["verification"] = verification(record["precision"], predict(runner, images), expected, targets, atol)
+        try:
+            runner = get_backend(record["backend"]).load(out_dir / record["file"])
+        except UserError as exc:  # a TensorRT engine built by trtexec where the Python runtime is missing
+            record["verification"] = {"skipped": str(exc)}
+            continue
+        check = verification(record["precision"], predict(runner, images), expected, targets,
+                             atol[record["precision"]])
+        record["verification"] = {**check, "top1_drop": reference_top1 - check["top1"]}
     for record in records:
         check = record["verification"]
         if check.get("passed") is False:
             raise ExportVerificationError(
                 f"{record['name']} ({record['file']}) does not reproduce the PyTorch student: its logits differ by up "
                 f"to {check['max_abs_diff']:.3g} on {check['samples']} val images, above the tolerance "
-                f"atol={atol:g}. Nothing was written to {destination}; a previous export there is unchanged. Raise "
-                "--atol if the difference is acceptable, or report the model as an exporter problem.")
+                f"atol={check['atol']:g}. Nothing was written to {destination}; a previous export there is "
+                "unchanged. Raise --atol (--atol-fp16 for FP16) if the difference is acceptable, or report the model "
+                "as an exporter problem.")
+    return {"backend": reference.name, "samples": len(targets), "top1": reference_top1}
 
 
-def build_manifest(ckpt: dict[str, Any], info: DataInfo, student_path: Path, params: int,
-                   records: list[dict[str, Any]]) -> dict[str, Any]:
+def median_latency_ms(runner: Backend, shape: Sequence[int], seconds: float = SPEED_SECONDS) -> float:
+    """Median batch-1 latency after a short warm-up, over `seconds` of runs (at least 10)."""
+    batch = np.random.default_rng(0).standard_normal((1, *shape), dtype=np.float32)
+    for _ in range(5):
+        runner.run(batch)
+    times: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while len(times) < 10 or time.perf_counter() < deadline:
+        start = time.perf_counter()
+        runner.run(batch)
+        times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times))
+
+
+def speed_check(records: list[dict[str, Any]], out_dir: Path, shape: Sequence[int], threads: int,
+                console: Console) -> dict[str, str]:
+    """Time each format's FP32 and INT8 artifacts at batch 1 on this machine; returns the recommended artifact per
+    format, and says so loudly when INT8 is not faster than FP32."""
+    recommended: dict[str, str] = {}
+    by_backend: dict[str, dict[str, dict[str, Any]]] = {}
+    for record in records:
+        if "skipped" in record["verification"] or record.get("engine_input"):
+            continue
+        by_backend.setdefault(record["backend"], {})[record["precision"]] = record
+    for backend, by_precision in by_backend.items():
+        for record in by_precision.values():
+            runner = get_backend(backend).load(out_dir / record["file"], threads)
+            record["speed"] = {"batch": 1, "threads": threads, "median_ms": median_latency_ms(runner, shape)}
+        fp32, int8 = by_precision.get("fp32"), by_precision.get("int8")
+        fastest = min(by_precision.values(), key=lambda r: r["speed"]["median_ms"])
+        if fp32 and int8:
+            fp32_ms, int8_ms = fp32["speed"]["median_ms"], int8["speed"]["median_ms"]
+            int8["speed"]["speedup_vs_fp32"] = fp32_ms / int8_ms
+            if int8_ms >= fp32_ms:
+                fastest = fp32
+                console.print(f"[bold yellow]{int8['name']} is not faster than {fp32['name']} on this machine "
+                              f"({int8_ms:.2f} ms vs {fp32_ms:.2f} ms at batch 1): use {fp32['name']}. Try another "
+                              "--target preset or exclude op types from INT8.[/bold yellow]")
+        recommended[backend] = fastest["name"]
+    return recommended
+
+
+# ----------------------------------------------------------------------------------------- manifest and folders
+def build_manifest(source: ExportSource, profile: TargetProfile, records: list[dict[str, Any]],
+                   reference: dict[str, Any], recommended: dict[str, str], skipped: list[dict[str, str]]
+                   ) -> dict[str, Any]:
+    info = source.info
     return {
         "format": MANIFEST_FORMAT,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": {**ckpt["model"], "params": params},
+        "model": {**source.model_spec, "params": source.params},
         "input": {"shape": [CHANNELS, info.img_size, info.img_size], "layout": "NCHW", "dtype": "float32",
                   "mean": list(info.mean), "std": list(info.std), "interpolation": info.interpolation,
                   "crop_pct": info.crop_pct, "img_size": info.img_size},
         "class_names": info.class_names,
-        "data": ckpt["recipe"]["data"],
-        "split_seed": ckpt["recipe"]["optim"]["seed"],
-        "source_checkpoint": {"path": str(student_path.resolve()), "sha256": sha256(student_path)},
+        "data_info": info.to_dict(),
+        "data": source.data,
+        "split_seed": source.seed,
+        "source_checkpoint": source.checkpoint,
+        "target": profile.model_dump(),
+        "reference": reference,
+        "recommended": recommended,
+        "skipped": skipped,
         "artifacts": records,
         **provenance(),
     }
 
 
-def _check_summary(check: dict[str, Any]) -> str:
-    if "top1_agreement" in check:
-        return f"top-1 agreement {check['top1_agreement']:.1f}%"
-    return f"max |Δ logit| {check['max_abs_diff']:.2g} (atol {check['atol']:g})"
-
-
 def artifact_table(manifest: dict[str, Any]) -> Table:
-    records = manifest["artifacts"]
-    samples = records[0]["verification"]["samples"] if records else 0
+    reference = manifest["reference"]
     table = Table("artifact", "file", Column("size MB", justify="right"), Column("top-1 %", justify="right"),
-                  "vs PyTorch", title=f"{manifest['model']['name']}: checked on {samples} val images")
-    for r in records:
-        check = r["verification"]
-        table.add_row(r["name"], r["file"], f"{r['size_bytes'] / 1e6:.2f}", f"{check['top1']:.2f}",
-                      _check_summary(check))
+                  Column("drop", justify="right"), "vs PyTorch", Column("ms (batch 1)", justify="right"),
+                  title=f"{manifest['model']['name']}: checked on {reference['samples']} val images "
+                        f"(PyTorch top-1 {reference['top1']:.2f}%)")
+    recommended = set(manifest["recommended"].values())
+    for r in manifest["artifacts"]:
+        check, speed = r["verification"], r.get("speed", {})
+        name = r["name"] + (" *" if r["name"] in recommended else "")
+        table.add_row(name, r["file"], f"{r['size_bytes'] / 1e6:.2f}",
+                      f"{check['top1']:.2f}" if "top1" in check else "-",
+                      f"{check['top1_drop']:+.2f}" if "top1_drop" in check else "-", check_summary(check),
+                      f"{speed['median_ms']:.2f}" if speed else "-")
+    if recommended:
+        table.caption = "* recommended for its runtime on this machine (fastest at batch 1)"
     return table
 
 
-def export_run(run_dir: Path, out_dir: Path | None = None, int8: bool = False, calib_samples: int = 256,
-               atol: float = 1e-3, parity_samples: int = 256, console: Console | None = None,
-               backends: Sequence[str] = ("onnxruntime",)) -> dict[str, Any]:
-    """Export a run's student with each backend, verify every artifact on real val images, write manifest.json."""
-    console = console or Console()
-    student_path = student_checkpoint(Path(run_dir))
-    model, ckpt = load_student(student_path)
-    out_dir = Path(out_dir) if out_dir is not None else student_path.parent / EXPORT_DIR
-    seed = ckpt["recipe"]["optim"]["seed"]
-    train, val, _ = build_datasets(data_config(ckpt["recipe"]["data"], student_path), seed, augment=False)
-    calibration = random_subset(train, calib_samples, seed)
-    info = DataInfo.from_dict(ckpt["data"])
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # build and verify in a staging folder beside out_dir: a failed export leaves any previous export untouched
-    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent) as staging:
-        stage = Path(staging)
-        request = ExportRequest(model, info, stage,
-                                precisions=("fp32", "int8") if int8 else ("fp32",),
-                                calibration=lambda: (images for images, _ in numpy_batches(calibration, EVAL_BATCH)),
-                                console=console)
-        records = []
-        for name in backends:
-            with console.status(f"exporting {ckpt['model']['name']} with {name}"):
-                records += get_backend(name).export(request)
-        parity_batches = list(numpy_batches(spread_subset(val, parity_samples), EVAL_BATCH))
-        with console.status("verifying against PyTorch"):
-            verify_artifacts(records, stage, PyTorchBackend(model), parity_batches, atol, out_dir)
-        manifest = build_manifest(ckpt, info, student_path, count_params(model), records)
-        atomic_write_text(stage / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-        replace_folder(stage, out_dir)
-    print_table(console, artifact_table(manifest))
-    return {**manifest, "artifact_dir": str(out_dir.resolve())}
+def _carry_over(previous_dir: Path, stage: Path, source: ExportSource, rebuilt: set[str]) -> list[dict[str, Any]]:
+    """Artifacts of an earlier export of the same student that this export does not rebuild: their folders are
+    copied into the staging folder, so adding TensorRT engines on a device keeps the CPU artifacts."""
+    if not (previous_dir / MANIFEST).is_file():
+        return []
+    try:
+        previous = load_manifest(previous_dir)
+    except UserError:
+        return []
+    if previous["source_checkpoint"]["sha256"] != source.checkpoint["sha256"]:
+        return []  # another student: its artifacts do not belong next to these
+    kept = []
+    for record in previous["artifacts"]:
+        folder = Path(record["file"]).parent
+        if record["name"] in rebuilt or not (previous_dir / folder).is_dir() or (stage / folder).exists():
+            continue
+        shutil.copytree(previous_dir / folder, stage / folder)
+        kept.append(record)
+    return kept
 
 
 def replace_folder(new: Path, target: Path) -> None:
@@ -157,3 +248,101 @@ def replace_folder(new: Path, target: Path) -> None:
     target.rename(old / target.name)
     new.rename(target)
     shutil.rmtree(old)
+
+
+def _checked(values: Sequence[str] | None, allowed: Sequence[str], option: str) -> list[str] | None:
+    if values is None:
+        return None
+    unknown = [v for v in values if v not in allowed]
+    if unknown or not values:
+        raise UserError(f"{option} takes a comma-separated list of {', '.join(allowed)}; got "
+                        f"`{','.join(values)}`.")
+    return list(dict.fromkeys(values))
+
+
+# ----------------------------------------------------------------------------------------- kd2deploy export
+def export_run(source_path: Path, out_dir: Path | None = None, formats: Sequence[str] | None = None,
+               precisions: Sequence[str] | None = None, target: str | None = None, calib_samples: int = 256,
+               calib_method: str | None = None, max_drop: float | None = None, atol: float = 1e-3,
+               atol_fp16: float = 5e-2, val_samples: int = 1000, dynamic_size: bool | None = None,
+               speed: bool = True, console: Console | None = None) -> dict[str, Any]:
+    """Build the artifacts a target profile asks for, verify each on real val images, time INT8 against FP32, and
+    write them, one folder each, with manifest.json. Returns the manifest plus `artifact_dir`.
+
+    source_path is a run folder / student.pt, or an export folder (then the artifacts are built from its ONNX graph
+    and added to it). Formats and precisions default to the profile's; the FP32 ONNX graph is always written, since
+    every other artifact is built from it."""
+    console = console or Console()
+    profile = load_target(target) if target else host_target()
+    formats = _checked(formats, FORMATS, "--format") or list(profile.formats)
+    precisions = _checked(precisions, PRECISIONS, "--precision") or list(profile.precisions)
+    calib_method = calib_method or profile.onnxruntime.calib_method
+    if calib_method not in CALIB_METHODS:
+        raise UserError(f"--calib-method takes one of {', '.join(CALIB_METHODS)}; got `{calib_method}`.")
+    source = load_source(Path(source_path))
+    if out_dir is None:
+        out_dir = source.export_dir or Path(source.checkpoint["path"]).parent / EXPORT_DIR
+    out_dir = Path(out_dir)
+    backends = [backend_for_format(f) for f in ["onnx", *(f for f in formats if f != "onnx")]]
+
+    train, val, _ = build_datasets(data_config(source.data, Path(source_path)), source.seed, augment=False)
+    calibration = random_subset(train, calib_samples, source.seed)
+    val_images = spread_subset(val, val_samples)
+    val_batches = list(numpy_batches(val_images, EVAL_BATCH))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # build and verify in a staging folder beside out_dir: a failed export leaves any previous export untouched
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent) as staging:
+        stage = Path(staging)
+        onnx_path = stage / FP32_ONNX
+        onnx_path.parent.mkdir(parents=True)
+        if source.model is not None:
+            with console.status(f"exporting {source.model_spec['name']} to ONNX"):
+                onnx_details = export_onnx(source.model, source.info, onnx_path, console, profile.onnx.opset,
+                                           profile.input.dynamic_size if dynamic_size is None else dynamic_size,
+                                           profile.onnx.simplify)
+        else:
+            shutil.copy2(source.export_dir / FP32_ONNX, onnx_path)
+            onnx_details = None
+        request = ExportRequest(
+            onnx_path, source.info, stage, precisions=tuple(precisions), profile=profile,
+            calibration=lambda: (images for images, _ in numpy_batches(calibration, EVAL_BATCH)),
+            calib_method=calib_method, validation=lambda: iter(val_batches), max_drop=max_drop, console=console)
+        records, skipped, unavailable = [], [], []
+        for backend in backends:
+            unsupported = [p for p in precisions if p not in backend.precisions and backend.format in formats]
+            skipped += [{"format": backend.format, "precision": p,
+                         "reason": f"{backend.name} does not build {p} artifacts"} for p in unsupported]
+            reason = None if backend.format == "tensorrt" else backend.unavailable()
+            if reason:  # (TensorRT builds its INT8 Q/DQ graph before it needs its runtime, so it checks itself)
+                unavailable.append(f"No {backend.format} artifact was built: {reason}.")
+                continue
+            # the ONNX graph is always written, its INT8 version only when the onnx format was asked for
+            wanted = precisions if backend.format in formats else ["fp32"]
+            try:
+                with console.status(f"building {backend.format} artifacts"):
+                    records += backend.export(replace(request, precisions=tuple(wanted)))
+            except BackendUnavailable as exc:
+                records += exc.records
+                unavailable.append(str(exc))
+        if onnx_details is not None:
+            records[0].update(onnx_details)
+        with console.status(f"verifying {len(records)} artifacts on {len(val_images)} val images"):
+            reference = (PyTorchBackend(source.model) if source.model is not None
+                         else get_backend("onnxruntime").load(onnx_path))
+            reference_check = verify_artifacts(records, stage, reference, val_batches,
+                                               {"fp32": atol, "fp16": atol_fp16, "int8": atol}, out_dir)
+        recommended = {}
+        if speed:
+            with console.status("timing the artifacts at batch 1"):
+                recommended = speed_check(records, stage, [CHANNELS, source.info.img_size, source.info.img_size],
+                                          profile.threads, console)
+        records += _carry_over(out_dir, stage, source, {r["name"] for r in records})
+        manifest = build_manifest(source, profile, records, reference_check, recommended, skipped)
+        atomic_write_text(stage / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        replace_folder(stage, out_dir)
+    print_table(console, artifact_table(manifest))
+    for item in skipped:
+        console.print(f"[yellow]skipped {item['format']} {item['precision']}: {item['reason']}[/yellow]")
+    if unavailable:
+        raise BackendUnavailable(" ".join(unavailable) + f" The other artifacts and the manifest are in {out_dir}.")
+    return {**manifest, "artifact_dir": str(out_dir.resolve())}

@@ -39,7 +39,8 @@ def run_quickstart(out: Path, console: Console, overrides: list[str] | None = No
         models[run] = (recipe.student.name, count_params(trainer.distiller.student))
 
     console.rule("[bold]export[/bold]: FP32 and INT8 ONNX, verified against PyTorch")
-    manifest = export_run(out / "kd", out_dir=out / "kd" / "export", int8=True, calib_samples=256, console=console)
+    manifest = export_run(out / "kd", out_dir=out / "kd" / "export", formats=["onnx"], precisions=["fp32", "int8"],
+                          calib_samples=256, console=console)
     console.rule("[bold]bench[/bold]")
     rows = run_bench(Path(manifest["artifact_dir"]), batches=[1, 32], iters=30, warmup=5, threads=0,
                      val_samples=None, console=console)

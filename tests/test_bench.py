@@ -20,7 +20,9 @@ BENCH = {"batches": BATCHES, "iters": 5, "warmup": 1, "threads": 1, "val_samples
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory) -> Path:
     run_dir = train_run(tmp_path_factory.mktemp("bench"), data={"train_subset": 64})
-    return Path(export_run(run_dir, int8=True, calib_samples=32, parity_samples=32, console=quiet())["artifact_dir"])
+    manifest = export_run(run_dir, formats=["onnx"], precisions=["fp32", "int8"], calib_samples=32, val_samples=32,
+                          speed=False, console=quiet())
+    return Path(manifest["artifact_dir"])
 
 
 def copy_export(export_dir: Path, tmp_path: Path) -> Path:
@@ -67,7 +69,7 @@ def test_bench_without_the_source_checkpoint_skips_pytorch(export_dir, tmp_path,
 
 def test_bench_refuses_a_modified_artifact(export_dir, tmp_path):
     folder = copy_export(export_dir, tmp_path)
-    with open(folder / "model_int8.onnx", "ab") as f:
+    with open(folder / "onnx-int8" / "model.onnx", "ab") as f:
         f.write(b"\0")
     with pytest.raises(UserError, match="sha256"):
         run_bench(folder, console=quiet(), **BENCH)

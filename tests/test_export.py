@@ -1,4 +1,5 @@
-"""Export: ONNX FP32/INT8 files, parity with PyTorch on real images, manifest.json, and `kd2deploy eval`."""
+"""Export: the ONNX graph and ONNX Runtime INT8, parity with PyTorch on real images, manifest.json, and
+`kd2deploy eval`. OpenVINO, TensorRT and target profiles are in test_backends.py."""
 from __future__ import annotations
 
 import json
@@ -14,13 +15,14 @@ from typer.testing import CliRunner
 
 from kd2deploy.artifacts import MANIFEST, evaluate_target, manifest_data, val_split
 from kd2deploy.backends import get_backend
-from kd2deploy.backends.ort import OnnxRuntimeBackend, export_onnx
+from kd2deploy.backends.ort import OnnxRuntimeBackend
 from kd2deploy.checkpoint import load_checkpoint, sha256
 from kd2deploy.cli import app
 from kd2deploy.data import DataInfo
 from kd2deploy.engine import load_student
 from kd2deploy.errors import UserError
 from kd2deploy.exporting import ExportVerificationError, export_run
+from kd2deploy.onnx_export import export_onnx
 
 PARITY_SAMPLES = 128
 
@@ -32,7 +34,8 @@ def run_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def manifest(run_dir: Path) -> dict:
-    return export_run(run_dir, int8=True, calib_samples=64, parity_samples=PARITY_SAMPLES, console=quiet())
+    return export_run(run_dir, formats=["onnx"], precisions=["fp32", "int8"], calib_samples=64,
+                      val_samples=PARITY_SAMPLES, console=quiet())
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +45,10 @@ def export_dir(manifest: dict) -> Path:
 
 def artifact(manifest: dict, precision: str) -> dict:
     return next(a for a in manifest["artifacts"] if a["precision"] == precision)
+
+
+def artifact_file(export_dir: Path, name: str) -> str:
+    return next(a["file"] for a in json.loads((export_dir / MANIFEST).read_text())["artifacts"] if a["name"] == name)
 
 
 def test_onnx_files_are_valid_with_a_dynamic_batch(manifest, export_dir):
@@ -57,9 +64,12 @@ def test_onnx_files_are_valid_with_a_dynamic_batch(manifest, export_dir):
 
 
 def test_fp32_matches_pytorch_on_real_images(manifest, export_dir, run_dir):
-    check = artifact(manifest, "fp32")["verification"]
+    record = artifact(manifest, "fp32")
+    check = record["verification"]
     assert check["passed"] and check["samples"] == PARITY_SAMPLES
     assert 0 <= check["max_abs_diff"] < check["atol"] == 1e-3
+    assert check["top1"] == pytest.approx(manifest["reference"]["top1"]) and check["top1_agreement"] == 100
+    assert record["exporter"] == "dynamo" and record["opset"] == 18 and record["simplified"].startswith("onnxslim")
 
     # independently of the manifest: the same val images through both runtimes
     val = val_split(*manifest_data(manifest, export_dir), samples=16)
@@ -74,9 +84,33 @@ def test_int8_is_quantized_and_agrees_with_fp32(manifest, export_dir):
     model = onnx.load(export_dir / record["file"])
     assert {"QuantizeLinear", "DequantizeLinear"} <= {node.op_type for node in model.graph.node}
     assert record["size_bytes"] < 0.5 * artifact(manifest, "fp32")["size_bytes"]
-    assert record["quantization"]["quant_format"] == "QDQ" and record["quantization"]["calibration_images"] == 64
+    quantization = record["quantization"]
+    assert quantization["quant_format"] == "QDQ" and quantization["calibration_images"] == 64
+    assert quantization["preset"] in ("avx2", "avx512", "avx512_vnni", "arm64") and quantization["per_channel"]
     check = record["verification"]
     assert check["samples"] == PARITY_SAMPLES and check["top1_agreement"] >= 80
+    assert check["top1_drop"] == pytest.approx(manifest["reference"]["top1"] - check["top1"])
+
+
+def test_int8_is_timed_against_fp32_and_the_faster_recommended(manifest):
+    fp32, int8 = artifact(manifest, "fp32"), artifact(manifest, "int8")
+    assert fp32["speed"]["median_ms"] > 0 and int8["speed"]["median_ms"] > 0 and int8["speed"]["batch"] == 1
+    assert int8["speed"]["speedup_vs_fp32"] == pytest.approx(fp32["speed"]["median_ms"] / int8["speed"]["median_ms"])
+    faster = int8 if int8["speed"]["speedup_vs_fp32"] > 1 else fp32
+    assert manifest["recommended"] == {"onnxruntime": faster["name"]}
+
+
+def test_slower_int8_is_reported_and_fp32_recommended(run_dir, tmp_path, monkeypatch):
+    timings = iter([1.0, 2.0])  # fp32 first, then int8: INT8 twice as slow
+    monkeypatch.setattr("kd2deploy.exporting.median_latency_ms", lambda runner, shape: next(timings))
+    console = quiet()
+    manifest = export_run(run_dir, out_dir=tmp_path / "export", formats=["onnx"], precisions=["fp32", "int8"],
+                          calib_samples=16, val_samples=16, console=console)
+    assert manifest["recommended"] == {"onnxruntime": "onnx-fp32"}
+    assert artifact(manifest, "int8")["speed"]["speedup_vs_fp32"] == pytest.approx(0.5)
+    output = " ".join(console.file.getvalue().split())
+    assert "onnx-int8 is not faster than onnx-fp32 on this machine (2.00 ms vs 1.00 ms at batch 1): use onnx-fp32" \
+        in output
 
 
 def test_manifest_describes_the_files(manifest, export_dir, run_dir):
@@ -94,8 +128,10 @@ def test_manifest_describes_the_files(manifest, export_dir, run_dir):
     assert [a["name"] for a in on_disk["artifacts"]] == ["onnx-fp32", "onnx-int8"]
     for record in on_disk["artifacts"]:
         path = export_dir / record["file"]
+        assert path.parent.name == record["name"], "one folder per artifact"
         assert record["sha256"] == sha256(path) and record["size_bytes"] == path.stat().st_size
-    assert not list(export_dir.glob("*.tmp")), "atomic writes leave no temporary files"
+    assert on_disk["target"]["name"] in ("laptop-x86", "arm64-cpu") and on_disk["data_info"] == student["data"]
+    assert not list(export_dir.rglob("*.tmp")), "atomic writes leave no temporary files"
 
 
 def test_parity_failure_raises_and_keeps_the_previous_export(run_dir, tmp_path, monkeypatch):
@@ -105,10 +141,11 @@ def test_parity_failure_raises_and_keeps_the_previous_export(run_dir, tmp_path, 
     run = OnnxRuntimeBackend.run
     monkeypatch.setattr(OnnxRuntimeBackend, "run", lambda self, batch: run(self, batch) + 0.01)
     with pytest.raises(ExportVerificationError, match=r"atol=0\.001.*previous export there is unchanged"):
-        export_run(run_dir, out_dir=out, parity_samples=8, console=quiet())
+        export_run(run_dir, out_dir=out, formats=["onnx"], precisions=["fp32"], val_samples=8, console=quiet())
     assert [p.name for p in tmp_path.iterdir()] == ["export"] and [p.name for p in out.iterdir()] == [MANIFEST]
     assert (out / MANIFEST).read_text() == "{}"
-    result = CliRunner().invoke(app, ["export", str(run_dir), "--out", str(out), "--parity-samples", "8"])
+    result = CliRunner().invoke(app, ["export", str(run_dir), "--out", str(out), "--val-samples", "8",
+                                      "--format", "onnx", "--precision", "fp32"])
     assert result.exit_code == 1 and "failed:" in result.output and "Traceback" not in result.output
 
 
@@ -124,7 +161,7 @@ def test_dynamo_failure_falls_back_to_torchscript(run_dir, tmp_path, monkeypatch
     monkeypatch.setattr(torch.onnx, "export", dynamo_fails)
     model, ckpt = load_student(run_dir)
     console, path = quiet(), tmp_path / "model.onnx"
-    assert export_onnx(model, DataInfo.from_dict(ckpt["data"]), path, console) == "torchscript"
+    assert export_onnx(model, DataInfo.from_dict(ckpt["data"]), path, console)["exporter"] == "torchscript"
     assert "falling back to the TorchScript exporter" in console.file.getvalue()
     assert OnnxRuntimeBackend.load(path).run(np.zeros((3, 3, 32, 32), np.float32)).shape == (3, 10)
 
@@ -132,7 +169,8 @@ def test_dynamo_failure_falls_back_to_torchscript(run_dir, tmp_path, monkeypatch
 def test_distilled_vit_exports_with_parity(tmp_path):
     run_dir = train_run(tmp_path, student={"name": "deit_nano_distilled_patch4_32"},
                         data={"train_subset": 32}, optim={"batch_size": 32})
-    manifest = export_run(run_dir, parity_samples=32, console=quiet())
+    manifest = export_run(run_dir, formats=["onnx"], precisions=["fp32"], val_samples=32, speed=False,
+                          console=quiet())
     check = artifact(manifest, "fp32")["verification"]
     assert check["passed"] and check["max_abs_diff"] < 1e-3
 
@@ -158,7 +196,7 @@ def test_evaluate_target_rejects_other_paths(tmp_path, export_dir):
     with pytest.raises(UserError, match="run folder"):
         evaluate_target(tmp_path, console=quiet())
     stray = tmp_path / "stray.onnx"
-    shutil.copy(export_dir / "model_fp32.onnx", stray)
+    shutil.copy(export_dir / artifact_file(export_dir, "onnx-fp32"), stray)
     with pytest.raises(UserError, match=MANIFEST):
         evaluate_target(stray, console=quiet())
 

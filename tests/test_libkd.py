@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from conftest import quiet
 
-from kd2deploy.backends.ort import export_onnx
 from kd2deploy.data import DataInfo
 from kd2deploy.distill import get_method_class
 from kd2deploy.distill.cskd import ckf_ratio
 from kd2deploy.errors import UserError
 from kd2deploy.involution import Involution2d
+from kd2deploy.onnx_export import export_onnx
 from kd2deploy.token_vit import num_distill_tokens
 
 TINY_REDNET = {"channels": [8, 8, 16, 16], "stem_width": 8, "involution_kernel": 3, "group_channels": 8}

@@ -2,7 +2,17 @@
 
 Importing this package registers every backend; a backend whose runtime is optional imports it lazily.
 """
-from . import ort, pytorch  # noqa: F401  (registers the backends)
-from .base import Backend, ExportRequest, artifact_record, get_backend, list_backends, register_backend
+from . import ort, ov, pytorch, trt  # noqa: F401  (registers the backends)
+from .base import (
+    Backend,
+    BackendUnavailable,
+    ExportRequest,
+    artifact_record,
+    backend_for_format,
+    get_backend,
+    list_backends,
+    register_backend,
+)
 
-__all__ = ["Backend", "ExportRequest", "artifact_record", "get_backend", "list_backends", "register_backend"]
+__all__ = ["Backend", "BackendUnavailable", "ExportRequest", "artifact_record", "backend_for_format", "get_backend",
+           "list_backends", "register_backend"]

@@ -1,6 +1,6 @@
 """The interface every deployment backend implements, and the registry that finds backends by name.
 
-A backend has two halves: an exporter (`export`: turn the student into artifact files, returning one record per
+A backend has two halves: an exporter (`export`: build artifacts from the FP32 ONNX graph, returning one record per
 artifact for manifest.json) and a runner (`load` an artifact, `run` NCHW float32 batches to logits). The registry
 follows timm's model registry: a decorator fills a name -> class table that the manifest's `backend` field indexes.
 """
@@ -14,36 +14,60 @@ from typing import Any, ClassVar
 
 import numpy as np
 from rich.console import Console
-from torch import nn
 
 from ..checkpoint import sha256
 from ..data import DataInfo
 from ..errors import UserError
+from ..targets import TargetProfile, host_target
 
-CHANNELS = 3  # every kd2deploy dataset yields RGB images, so every artifact takes 3-channel NCHW input
+Batches = Callable[[], Iterator[np.ndarray]]  # a fresh iterator of NCHW float32 batches per call
+LabelledBatches = Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]
 
 
 @dataclass
 class ExportRequest:
-    """What an exporter gets: the student in eval mode, its input description and where to write."""
+    """What an exporter gets: the FP32 ONNX graph it builds from, the input description, the target and data."""
 
-    model: nn.Module
+    onnx_path: Path  # the verified-to-be FP32 graph, written by kd2deploy.onnx_export
     info: DataInfo
-    out_dir: Path
+    out_dir: Path  # the staging export folder: each artifact goes into its own sub-folder
     precisions: tuple[str, ...] = ("fp32",)
-    # NCHW float32 batches of training images with the eval transform; a fresh iterator per call (INT8 needs it)
-    calibration: Callable[[], Iterator[np.ndarray]] | None = None
-    console: Console = field(default_factory=lambda: Console(stderr=True))  # for notes such as exporter fallbacks
+    profile: TargetProfile = field(default_factory=host_target)
+    calibration: Batches | None = None  # training images with the eval transform (INT8 needs them)
+    calib_method: str = "minmax"
+    validation: LabelledBatches | None = None  # val images and labels, for accuracy-controlled quantization
+    max_drop: float | None = None  # top-1 points an INT8 model may lose (accuracy-controlled quantization)
+    console: Console = field(default_factory=lambda: Console(stderr=True))
+
+    def calibration_batches(self) -> Iterator[np.ndarray]:
+        if self.calibration is None:
+            raise ValueError("INT8 export needs calibration batches (ExportRequest.calibration).")
+        return self.calibration()
+
+
+class BackendUnavailable(UserError):
+    """A backend's runtime or hardware is missing here; what could be built without it was built."""
+
+    def __init__(self, message: str, records: list[dict[str, Any]] | None = None):
+        super().__init__(message)
+        self.records = records or []
 
 
 class Backend(ABC):
-    """A runtime that runs artifacts and, when it overrides `export`, writes them."""
+    """A runtime that runs artifacts and, when it overrides `export`, builds them."""
 
     name: ClassVar[str]  # registry key, recorded as the artifact's `backend`
+    format: ClassVar[str | None] = None  # the `--format` it builds (None: a reference runtime that builds nothing)
+    precisions: ClassVar[tuple[str, ...]] = ()  # what `export` can build
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        """Why this backend cannot run here (a missing package or device), or None when it can."""
+        return None
 
     @classmethod
     def export(cls, request: ExportRequest) -> list[dict[str, Any]]:
-        """Write the requested precisions it supports into request.out_dir; return one `artifact_record` per file."""
+        """Build the requested precisions it supports under request.out_dir; return one `artifact_record` each."""
         raise NotImplementedError(f"The {cls.name} backend runs models but does not export them.")
 
     @classmethod
@@ -57,11 +81,14 @@ class Backend(ABC):
 
 
 def artifact_record(path: Path, out_dir: Path, *, name: str, backend: str, file_format: str, precision: str,
-                    **details: Any) -> dict[str, Any]:
-    """The manifest entry for one artifact file; exporting fills in `verification` once it has checked the file."""
+                    companions: tuple[Path, ...] = (), **details: Any) -> dict[str, Any]:
+    """The manifest entry for one artifact: its main file plus any companion files (OpenVINO's .bin), each with its
+    sha256. Exporting fills in `verification` once it has checked the artifact."""
+    files = [path, *companions]
     return {"name": name, "backend": backend, "format": file_format, "precision": precision,
-            "file": path.relative_to(out_dir).as_posix(), "sha256": sha256(path), "size_bytes": path.stat().st_size,
-            **details, "verification": {}}
+            "file": path.relative_to(out_dir).as_posix(), "sha256": sha256(path),
+            "companions": {p.relative_to(out_dir).as_posix(): sha256(p) for p in companions},
+            "size_bytes": sum(p.stat().st_size for p in files), **details, "verification": {}}
 
 
 _backends: dict[str, type[Backend]] = {}
@@ -87,3 +114,12 @@ def get_backend(name: str) -> type[Backend]:
         raise UserError(f"Unknown backend `{name}`. Known backends: {', '.join(list_backends())}. A manifest naming "
                         "another one was written by a newer kd2deploy or by hand: re-export with "
                         "`kd2deploy export RUN_DIR`.") from None
+
+
+def backend_for_format(file_format: str) -> type[Backend]:
+    for backend in _backends.values():
+        if backend.format == file_format:
+            return backend
+    known = sorted(b.format for b in _backends.values() if b.format)
+    raise UserError(f"Unknown export format `{file_format}`: --format takes a comma-separated list of "
+                    f"{', '.join(known)}.")

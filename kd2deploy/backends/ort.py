@@ -1,40 +1,32 @@
-"""ONNX Runtime: exports the student to ONNX (FP32) and static INT8 (QDQ), and runs .onnx files."""
+"""ONNX Runtime: the FP32 ONNX graph and static INT8 (QDQ) models tuned per CPU target; runs .onnx files."""
 from __future__ import annotations
 
-import contextlib
-import io
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import onnxruntime as ort
-import torch
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
-from rich.console import Console
-from torch import nn
 
 from ..checkpoint import atomic_write
-from ..data import DataInfo
-from .base import CHANNELS, Backend, ExportRequest, artifact_record, register_backend
+from ..onnx_export import INPUT_NAME
+from ..targets import resolve_ort_preset
+from .base import Backend, ExportRequest, artifact_record, register_backend
 
-# 18 is the opset torch's dynamo exporter (torchlib) is written in: higher opsets need a version-conversion pass
-# after export, and 18 already runs on every runtime kd2deploy targets (ONNX Runtime >= 1.14, OpenVINO, TensorRT 8.6+).
-OPSET = 18
-INPUT_NAME, OUTPUT_NAME = "input", "logits"
-FP32_FILE, INT8_FILE = "model_fp32.onnx", "model_int8.onnx"
+ONNX_FILE = "model.onnx"
+CALIBRATION_METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                       "percentile": CalibrationMethod.Percentile}
 
-# Static INT8 settings. QDQ is the format ONNX Runtime's CPU kernels are optimised for, and the one TensorRT and
-# OpenVINO read too. On x86, uint8 activations x int8 weights is the pairing the VPMADDUBSW/VNNI kernels take;
-# reduce_range (7-bit weights) avoids the int16 saturation of that instruction on CPUs without VNNI, so one
-# artifact is safe on any x86 machine, at a small accuracy cost that per-channel weight scales recover.
-INT8_SETTINGS = {"quant_format": QuantFormat.QDQ, "activation_type": QuantType.QUInt8,
-                 "weight_type": QuantType.QInt8, "per_channel": True, "reduce_range": True,
-                 "calibrate_method": CalibrationMethod.MinMax}
-INT8_EXTRA_OPTIONS = {
+# kd2deploy's own preset, for machines without optimum: uint8 activations x int8 weights is the pairing x86's
+# VPMADDUBSW/VNNI kernels take; reduce_range (7-bit weights) avoids that instruction's int16 saturation on CPUs
+# without VNNI, so one artifact is safe on any x86 machine, at a small accuracy cost per-channel scales recover.
+PORTABLE_PRESET = {"quant_format": QuantFormat.QDQ, "activation_type": QuantType.QUInt8,
+                   "weight_type": QuantType.QInt8, "per_channel": True, "reduce_range": True,
+                   "op_types_to_quantize": None, "extra_options": {}}
+EXTRA_OPTIONS = {
     # the same ranges as keeping every intermediate output at once, in bounded memory on large inputs
     "CalibMaxIntermediateOutputs": 8,
     # LayerNorm scales are 1-D: channel axis 0, not the default 1 (which logs a warning per ViT block)
@@ -42,41 +34,24 @@ INT8_EXTRA_OPTIONS = {
 }
 
 
-@contextlib.contextmanager
-def _exporter_prints_hidden() -> Iterator[None]:
-    """Swallow the exporter's progress prints and warnings; its exceptions still propagate."""
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        yield
-
-
-def export_onnx(model: nn.Module, info: DataInfo, path: Path, console: Console) -> str:
-    """Write `model` as a single-file ONNX graph with a dynamic batch dimension; returns the exporter used.
-
-    The dynamo exporter comes first; a model it cannot capture falls back to the TorchScript exporter."""
-    example = (torch.zeros(2, CHANNELS, info.img_size, info.img_size),)  # batch 2: a batch of 1 could be specialised
-    names = {"input_names": [INPUT_NAME], "output_names": [OUTPUT_NAME], "opset_version": OPSET}
-
-    def dynamo(tmp: Path) -> None:
-        torch.onnx.export(model, example, tmp, dynamo=True, external_data=False,
-                          dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), **names)
-
-    def torchscript(tmp: Path) -> None:
-        torch.onnx.export(model, example, tmp, dynamo=False,
-                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, **names)
-
-    try:
-        with _exporter_prints_hidden():
-            atomic_write(path, dynamo)
-        exporter = "dynamo"
-    except Exception as exc:  # the dynamo exporter raises many types; the fallback reports its own errors
-        first_line = (str(exc).strip().splitlines() or [""])[0][:300]
-        console.print(f"[yellow]The dynamo ONNX exporter failed ({type(exc).__name__}: {first_line}); "
-                      "falling back to the TorchScript exporter.[/yellow]")
-        with _exporter_prints_hidden():
-            atomic_write(path, torchscript)
-        exporter = "torchscript"
-    onnx.checker.check_model(str(path), full_check=True)
-    return exporter
+def preset_settings(preset: str) -> tuple[str, dict[str, Any]]:
+    """quantize_static settings for an optimum AutoQuantizationConfig preset (static, per-channel weights);
+    `portable` or, when optimum-onnx is not installed, kd2deploy's portable preset. Returns (preset used, settings)."""
+    if preset != "portable":
+        try:
+            from optimum.onnxruntime.configuration import AutoQuantizationConfig
+        except ImportError:
+            preset = "portable"
+        else:
+            make = getattr(AutoQuantizationConfig, preset)
+            # the tensorrt preset is static-only and takes no is_static argument
+            config = make(per_channel=True) if preset == "tensorrt" else make(is_static=True, per_channel=True)
+            return preset, {"quant_format": config.format, "activation_type": config.activations_dtype,
+                            "weight_type": config.weights_dtype, "per_channel": config.per_channel,
+                            "reduce_range": config.reduce_range, "op_types_to_quantize": config.operators_to_quantize,
+                            "extra_options": {"ActivationSymmetric": config.activations_symmetric,
+                                              "WeightSymmetric": config.weights_symmetric}}
+    return "portable", dict(PORTABLE_PRESET)
 
 
 class _CalibrationReader(CalibrationDataReader):
@@ -94,16 +69,40 @@ class _CalibrationReader(CalibrationDataReader):
         return {INPUT_NAME: batch}
 
 
-def quantize_int8(fp32_path: Path, int8_path: Path, calibration: Iterable[np.ndarray]) -> dict[str, Any]:
-    """Static INT8 (QDQ) from the FP32 model, calibrated with MinMax on `calibration`; returns the settings used."""
+def _quantizable_op_types(settings: dict[str, Any], exclude: Iterable[str]) -> list[str] | None:
+    excluded = set(exclude)
+    if not excluded:
+        return settings["op_types_to_quantize"]
+    from onnxruntime.quantization.registry import QDQRegistry
+
+    return [op for op in (settings["op_types_to_quantize"] or list(QDQRegistry)) if op not in excluded]
+
+
+def quantize_qdq(fp32_path: Path, out_path: Path, calibration: Iterable[np.ndarray], preset: str = "auto",
+                 calib_method: str = "minmax", exclude_op_types: Iterable[str] = (),
+                 exclude_nodes: Iterable[str] = ()) -> dict[str, Any]:
+    """Static INT8 (QDQ) from the FP32 model after ONNX Runtime's pre-processing (symbolic shape inference and
+    graph fusions), calibrated on `calibration`; returns the settings used, for the manifest."""
+    used, settings = preset_settings(resolve_ort_preset(preset))
+    op_types = _quantizable_op_types(settings, exclude_op_types)
     reader = _CalibrationReader(calibration)
+    extra = {**EXTRA_OPTIONS, **settings["extra_options"]}
     with tempfile.TemporaryDirectory(prefix="kd2deploy-quant-") as scratch:
         prepared = Path(scratch) / "prepared.onnx"
-        quant_pre_process(str(fp32_path), str(prepared))  # shape inference + graph cleanup the quantizer expects
-        atomic_write(int8_path, lambda tmp: quantize_static(str(prepared), str(tmp), reader, **INT8_SETTINGS,
-                                                            extra_options=INT8_EXTRA_OPTIONS))
-    settings = {key: getattr(value, "name", value) for key, value in INT8_SETTINGS.items()}
-    return {**settings, "calibration_images": reader.images}
+        quant_pre_process(str(fp32_path), str(prepared))
+        atomic_write(out_path, lambda tmp: quantize_static(
+            str(prepared), str(tmp), reader, quant_format=settings["quant_format"],
+            activation_type=settings["activation_type"], weight_type=settings["weight_type"],
+            per_channel=settings["per_channel"], reduce_range=settings["reduce_range"], op_types_to_quantize=op_types,
+            nodes_to_exclude=list(exclude_nodes), calibrate_method=CALIBRATION_METHODS[calib_method],
+            extra_options=extra))
+    return {"preset": used, "quant_format": settings["quant_format"].name,
+            "activation_type": settings["activation_type"].name, "weight_type": settings["weight_type"].name,
+            "per_channel": settings["per_channel"], "reduce_range": settings["reduce_range"],
+            "activation_symmetric": bool(extra.get("ActivationSymmetric", False)),
+            "weight_symmetric": bool(extra.get("WeightSymmetric", False)),
+            "excluded_op_types": sorted(set(exclude_op_types)), "excluded_nodes": list(exclude_nodes),
+            "calibration_method": calib_method, "calibration_images": reader.images}
 
 
 def _providers() -> list[str]:
@@ -114,6 +113,8 @@ def _providers() -> list[str]:
 @register_backend
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
+    format = "onnx"
+    precisions = ("fp32", "int8")
 
     def __init__(self, session: ort.InferenceSession):
         self.session = session
@@ -121,18 +122,17 @@ class OnnxRuntimeBackend(Backend):
 
     @classmethod
     def export(cls, request: ExportRequest) -> list[dict[str, Any]]:
-        """FP32 ONNX always (INT8 is quantized from it), plus INT8 when requested."""
-        out = request.out_dir
-        fp32 = out / FP32_FILE
-        exporter = export_onnx(request.model, request.info, fp32, request.console)
-        common = {"backend": cls.name, "file_format": "onnx", "opset": OPSET, "exporter": exporter}
-        records = [artifact_record(fp32, out, name="onnx-fp32", precision="fp32", **common)]
+        """The FP32 graph itself (always: every other artifact is built from it), plus INT8 when requested."""
+        out, settings = request.out_dir, request.profile.onnxruntime
+        records = [artifact_record(request.onnx_path, out, name="onnx-fp32", backend=cls.name, file_format="onnx",
+                                   precision="fp32")]
         if "int8" in request.precisions:
-            if request.calibration is None:
-                raise ValueError("INT8 export needs calibration batches (ExportRequest.calibration).")
-            settings = quantize_int8(fp32, out / INT8_FILE, request.calibration())
-            records.append(artifact_record(out / INT8_FILE, out, name="onnx-int8", precision="int8",
-                                           quantization=settings, **common))
+            path = out / "onnx-int8" / ONNX_FILE
+            quantization = quantize_qdq(request.onnx_path, path, request.calibration_batches(),
+                                        settings.int8_preset, request.calib_method, settings.exclude_op_types,
+                                        settings.exclude_nodes)
+            records.append(artifact_record(path, out, name="onnx-int8", backend=cls.name, file_format="onnx",
+                                           precision="int8", quantization=quantization))
         return records
 
     @classmethod
