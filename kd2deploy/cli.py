@@ -118,18 +118,28 @@ def export(
 @app.command()
 @user_errors
 def bench(
-    artifact_dir: Path = typer.Argument(..., help="An export folder holding manifest.json."),
+    artifact_dir: Path | None = typer.Argument(None, help="An export folder holding manifest.json."),
     batch: str = typer.Option("1,32", "--batch", help="Comma-separated batch sizes."),
-    iters: int = typer.Option(50, "--iters", min=1, help="Timed iterations per row (after warm-up)."),
-    warmup: int = typer.Option(10, "--warmup", min=0, help="Untimed warm-up iterations per row."),
+    iters: int = typer.Option(50, "--iters", min=1, help="Timed runs per row (at least this many with --duration)."),
+    duration: float | None = typer.Option(None, "--duration", min=0, help="Seconds of timed runs per row."),
+    warmup: int = typer.Option(10, "--warmup", min=0, help="Untimed warm-up runs per row, excluded from the figures."),
     threads: int = typer.Option(0, "--threads", min=0, help="CPU threads per runtime (0: all cores)."),
     val_samples: int = typer.Option(0, "--val-samples", min=0, help="Limit the top-1 evaluation (0: whole val split)."),
+    max_drop: float = typer.Option(1.0, "--max-drop", min=0, help="Top-1 points the recommendation may lose."),
+    compare: tuple[Path, Path] | None = typer.Option(None, "--compare", help="Show two bench.json files side by side "
+                                                     "instead of benchmarking."),
 ) -> None:
-    """Measure every artifact in ARTIFACT_DIR: top-1 on the val split, latency and throughput."""
-    from .bench import run_bench
+    """Measure every artifact in ARTIFACT_DIR: top-1 on the val split, latency percentiles and throughput; write
+    bench.md/csv/json and an accuracy-vs-latency plot; or compare two runs with --compare A.json B.json."""
+    from .bench import compare_reports, run_bench
 
+    if compare:
+        compare_reports(*compare, console=console)
+        return
+    if artifact_dir is None:
+        raise UserError("`kd2deploy bench` needs an export folder (ARTIFACT_DIR), or --compare A.json B.json.")
     run_bench(artifact_dir, batches=_csv_ints(batch, "--batch"), iters=iters, warmup=warmup, threads=threads,
-              val_samples=val_samples or None, console=console)
+              val_samples=val_samples or None, duration=duration, max_drop=max_drop, console=console)
 
 
 @app.command(name="eval")

@@ -1,15 +1,29 @@
-"""Bench: latency statistics, bench.md/bench.json for every artifact and batch size, manifest checks."""
+"""Bench: latency statistics, warm-up exclusion, bench.md/csv/json and the plot for every artifact and batch size,
+the recommendation, --compare, and manifest checks."""
 from __future__ import annotations
 
+import csv
 import json
 import shutil
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import quiet, train_run
+from typer.testing import CliRunner
 
 from kd2deploy.artifacts import MANIFEST
-from kd2deploy.bench import latency_stats, run_bench
+from kd2deploy.bench import (
+    compare_reports,
+    harness_overhead_us,
+    latency_stats,
+    pareto_front,
+    recommendation,
+    run_bench,
+    time_runner,
+)
+from kd2deploy.cli import app
 from kd2deploy.errors import UserError
 from kd2deploy.exporting import export_run
 
@@ -33,8 +47,51 @@ def test_latency_stats_on_known_times():
     stats = latency_stats([0.001 * i for i in range(1, 11)], batch=4)  # 1..10 ms
     assert stats["p50_ms"] == pytest.approx(5.5)
     assert stats["p90_ms"] == pytest.approx(9.1)  # numpy's linear interpolation
+    assert stats["p99_ms"] == pytest.approx(9.91)
     assert stats["mean_ms"] == pytest.approx(5.5)
-    assert stats["images_per_s"] == pytest.approx(4 / 0.0055)
+    assert stats["images_per_s"] == pytest.approx(4 / 0.0055) and stats["runs"] == 10
+
+
+class SlowStart:
+    """A runner whose first `slow` calls take 30 ms (a cold cache, a JIT): warm-up must absorb them."""
+
+    def __init__(self, slow: int):
+        self.calls, self.slow = 0, slow
+
+    def run(self, batch):
+        self.calls += 1
+        if self.calls <= self.slow:
+            time.sleep(0.03)
+        return batch
+
+
+def test_warmup_runs_are_excluded_from_the_timings():
+    runner = SlowStart(slow=3)
+    times = time_runner(runner, np.zeros(1), iters=5, warmup=3)
+    assert runner.calls == 8 and len(times) == 5 and max(times) < 0.01
+    cold = time_runner(SlowStart(slow=3), np.zeros(1), iters=5, warmup=0)
+    assert sum(t > 0.025 for t in cold) == 3
+
+
+def test_duration_runs_at_least_that_long_and_at_least_iters():
+    times = time_runner(SlowStart(slow=0), np.zeros(1), iters=3, warmup=0, duration=0.05)
+    assert len(times) > 3
+    assert len(time_runner(SlowStart(slow=10), np.zeros(1), iters=4, warmup=0, duration=0.001)) == 4
+
+
+def test_harness_overhead_is_measured_and_small():
+    assert 0 < harness_overhead_us() < 100
+
+
+def test_pareto_front_and_recommendation_on_known_points():
+    points = [(1.0, 70.0), (2.0, 80.0), (3.0, 75.0), (0.5, 60.0), (2.0, 79.0)]
+    assert pareto_front(points) == [3, 0, 1]  # (3, 75) and (2, 79) are beaten by (2, 80)
+    rows = [{"artifact": name, "batch": batch, "p50_ms": ms, "top1": top1}
+            for name, batch, ms, top1 in [("fp32", 1, 2.0, 80.0), ("int8", 1, 1.0, 79.5), ("tiny", 1, 0.5, 70.0),
+                                          ("int8", 8, 0.1, 79.5)]]
+    rec = recommendation(rows, max_drop=1.0)
+    assert rec["artifact"] == "int8" and rec["batch"] == 1 and rec["drop"] == pytest.approx(0.5)
+    assert recommendation(rows, max_drop=0.1)["artifact"] == "fp32"
 
 
 def test_bench_rows_and_reports(export_dir):
@@ -51,10 +108,37 @@ def test_bench_rows_and_reports(export_dir):
     assert report["rows"] == rows
     assert report["context"]["threads"] == 1 and report["context"]["val_images"] == 50
     assert report["context"]["cores"] >= 1 and "onnxruntime" in report["context"]["versions"]
+    assert report["context"]["harness_overhead_us"] > 0 and report["recommendation"]["batch"] == 1
     markdown = (export_dir / "bench.md").read_text()
-    assert "| artifact | backend | precision | batch | top-1 % | p50 ms | p90 ms | images/s | size MB |" in markdown
+    assert ("| artifact | backend | precision | batch | top-1 % | p50 ms | p90 ms | p99 ms | mean ms | images/s | "
+            "size MB |") in markdown
     assert markdown.count("| onnx-int8 |") == len(BATCHES)
     assert "Command: `" in markdown and report["context"]["cpu"] in markdown
+    assert f"Recommended: {report['recommendation']['artifact']}" in markdown
+    with open(export_dir / "bench.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [(r["artifact"], int(r["batch"])) for r in table] == [(r["artifact"], r["batch"]) for r in rows]
+    assert float(table[0]["p99_ms"]) == pytest.approx(rows[0]["p99_ms"])
+    assert (export_dir / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_two_runs(export_dir, tmp_path):
+    a = tmp_path / "a.json"
+    shutil.copy(export_dir / "bench.json", a)
+    b_report = json.loads(a.read_text())
+    for row in b_report["rows"]:
+        row["p50_ms"] /= 2  # B twice as fast
+    b_report["rows"].append({**b_report["rows"][0], "artifact": "openvino-int8"})
+    b = tmp_path / "b.json"
+    b.write_text(json.dumps(b_report))
+    rows = compare_reports(a, b, console=quiet())
+    assert all(r["b_vs_a"] == pytest.approx(2.0) for r in rows if r["artifact"] != "openvino-int8")
+    assert rows[-1]["artifact"] == "openvino-int8" and rows[-1]["a_p50_ms"] is None
+    result = CliRunner().invoke(app, ["bench", "--compare", str(a), str(b)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "B speed-up" in result.output and "2.00x" in result.output
+    (tmp_path / "broken.json").write_text("{")
+    result = CliRunner().invoke(app, ["bench", "--compare", str(a), str(tmp_path / "broken.json")])
+    assert result.exit_code == 2 and "bench.json" in result.output and "Traceback" not in result.output
 
 
 @pytest.mark.parametrize("change", [{"path": "/elsewhere/student.pt"}, {"sha256": "0" * 64}], ids=["gone", "replaced"])
