@@ -3,6 +3,7 @@ names; every artifact verified on real val images (parity with PyTorch, top-1) a
 build machine; one folder per artifact and a manifest.json describing them all."""
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import tempfile
@@ -303,9 +304,13 @@ def export_run(source_path: Path, out_dir: Path | None = None, formats: Sequence
         else:
             shutil.copy2(source.export_dir / FP32_ONNX, onnx_path)
             onnx_details = None
+        @functools.cache
+        def calibration_images() -> list[np.ndarray]:  # decoded once, on first use, for every INT8 backend
+            return [images for images, _ in numpy_batches(calibration, EVAL_BATCH)]
+
         request = ExportRequest(
             onnx_path, source.info, stage, precisions=tuple(precisions), profile=profile,
-            calibration=lambda: (images for images, _ in numpy_batches(calibration, EVAL_BATCH)),
+            calibration=lambda: iter(calibration_images()),
             calib_method=calib_method, validation=lambda: iter(val_batches), max_drop=max_drop, console=console)
         records, skipped, unavailable = [], [], []
         for backend in backends:

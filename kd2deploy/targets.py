@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import platform
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -16,15 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .errors import UserError
 from .machine import cpu_flags
 
-FORMATS = ("onnx", "openvino", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "int8")
-CALIB_METHODS = ("minmax", "entropy", "percentile")
-# optimum's AutoQuantizationConfig presets, plus `portable` (kd2deploy's own, for machines without optimum)
-ORT_PRESETS = ("auto", "avx2", "avx512", "avx512_vnni", "arm64", "tensorrt", "portable")
-
 Format = Literal["onnx", "openvino", "tensorrt"]
 Precision = Literal["fp32", "fp16", "int8"]
 CalibMethod = Literal["minmax", "entropy", "percentile"]
+# optimum's AutoQuantizationConfig presets, plus `portable` (kd2deploy's own, for machines without optimum)
+OrtPreset = Literal["auto", "avx2", "avx512", "avx512_vnni", "arm64", "tensorrt", "portable"]
+FORMATS, PRECISIONS, CALIB_METHODS = get_args(Format), get_args(Precision), get_args(CalibMethod)
 
 
 class _Section(BaseModel):
@@ -42,7 +39,7 @@ class OnnxSettings(_Section):
 
 
 class OrtSettings(_Section):
-    int8_preset: Literal["auto", "avx2", "avx512", "avx512_vnni", "arm64", "tensorrt", "portable"] = "auto"
+    int8_preset: OrtPreset = "auto"
     calib_method: CalibMethod = "minmax"
     exclude_op_types: list[str] = Field(default_factory=list, description="ONNX op types left in float")
     exclude_nodes: list[str] = Field(default_factory=list, description="ONNX node names left in float")

@@ -103,8 +103,9 @@ class OpenVinoBackend(Backend):
 
         out, records = request.out_dir, []
         transformer = is_transformer(request.onnx_path)
+        converted = ov.convert_model(request.onnx_path)
         for precision in (p for p in cls.precisions if p in request.precisions):
-            model = ov.convert_model(request.onnx_path)
+            model = converted.clone()  # each precision transforms its own copy of the one conversion
             details: dict[str, Any] = {"openvino": ov.__version__}
             if precision == "int8":
                 model, details["quantization"] = quantize_int8(model, request, transformer)
