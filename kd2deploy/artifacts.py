@@ -1,28 +1,22 @@
-"""Export folders and what reads them: manifest.json, the data artifacts are checked on, and `kd2deploy eval`."""
+"""Export folders and what reads them: manifest.json, the val images artifacts are scored on, and `kd2deploy eval`.
+Nothing here needs torch, except evaluating a student.pt: export folders are read on devices without it."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from pydantic import ValidationError
 from rich.console import Console
 from rich.segment import Segments
 from rich.table import Column, Table
-from torch import nn
-from torch.utils.data import Dataset, Subset
 
 from .backends import Backend, get_backend
-from .checkpoint import sha256
-from .data import build_datasets, eval_loader
-from .engine import STUDENT, load_student
+from .checkpoint import STUDENT, STUDENT_FORMAT, sha256
 from .errors import UserError
-from .evaluate import evaluate
 from .recipe import DataConfig
+from .valdata import EvalTransform, LabelledImages, evaluate_runner, image_folder, recorded_val_set
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "kd2deploy.manifest/1"
@@ -66,40 +60,16 @@ def data_config(data_section: dict[str, Any], source: Path) -> DataConfig:
                         "It was edited or written by another kd2deploy version; re-export the run.") from None
 
 
-def spread_subset(dataset: Dataset, n: int | None) -> Dataset:
-    """n images spread evenly over the split (all of them when n is None or larger): ImageFolder splits are
-    sorted by class, so the first n images would cover only a few classes."""
-    if n is None or n >= len(dataset):
-        return dataset
-    return Subset(dataset, np.linspace(0, len(dataset) - 1, n).round().astype(int).tolist())
-
-
-def random_subset(dataset: Dataset, n: int, seed: int) -> Dataset:
-    if n >= len(dataset):
-        return dataset
-    return Subset(dataset, sorted(np.random.default_rng(seed).choice(len(dataset), n, replace=False).tolist()))
-
-
-def numpy_batches(dataset: Dataset, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(images float32 NCHW, targets) batches in dataset order: what every runner takes."""
-    for images, targets, _ in eval_loader(dataset, batch_size, num_workers=0):
-        yield images.numpy(), targets.numpy()
-
-
-class _RunnerModule(nn.Module):
-    """Wraps a backend's runner as a module, so evaluate() (written for PyTorch models) scores any backend."""
-
-    def __init__(self, runner: Backend):
-        super().__init__()
-        self.runner = runner
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.runner.run(images.numpy()))
-
-
-def evaluate_runner(runner: Backend, dataset: Dataset, batch_size: int = EVAL_BATCH) -> dict[str, float]:
-    """{loss, top1, top5, count} of a runner on a dataset of (image, target, index)."""
-    return evaluate(_RunnerModule(runner), eval_loader(dataset, batch_size, num_workers=0))
+def manifest_val_set(manifest: dict[str, Any], folder: Path, samples: int | None = None,
+                     val_dir: Path | None = None) -> LabelledImages:
+    """What top-1 is measured on: `val_dir` (a folder with one sub-folder per class) when given, otherwise the val
+    split of the run the artifacts come from; with the manifest's eval transform either way."""
+    transform = EvalTransform.from_input(manifest["input"])
+    if val_dir is not None:
+        return image_folder(val_dir, manifest["class_names"], transform, "--val").spread(samples)
+    data = data_config(manifest["data"], folder / MANIFEST).model_dump()
+    return recorded_val_set(data, manifest["split_seed"], manifest["class_names"], transform, samples,
+                            str(folder / MANIFEST))
 
 
 # ----------------------------------------------------------------------------------------- manifests
@@ -148,7 +118,9 @@ def load_manifest(folder: Path) -> dict[str, Any]:
 
 
 def artifact_deployable(folder: Path, record: dict[str, Any]) -> Deployable:
-    """The artifact a manifest record names, after checking the file is the one that was exported and verified."""
+    """The artifact a manifest record names, after checking its backend is known here and the file is the one that
+    was exported and verified."""
+    get_backend(record["backend"])
     path = folder / record["file"]
     if not path.is_file():
         raise UserError(f"{path}, listed in {folder / MANIFEST} as `{record['name']}`, does not exist. Re-export "
@@ -177,15 +149,6 @@ def source_deployable(manifest: dict[str, Any]) -> Deployable | None:
     return Deployable("pytorch-fp32", "pytorch", "fp32", path)
 
 
-def manifest_data(manifest: dict[str, Any], folder: Path) -> tuple[DataConfig, int]:
-    """The data section and seed of the run the artifacts come from: what rebuilds its val split."""
-    return data_config(manifest["data"], folder / MANIFEST), manifest["split_seed"]
-
-
-def val_split(cfg: DataConfig, seed: int, samples: int | None = None) -> Dataset:
-    return spread_subset(build_datasets(cfg, seed, augment=False)[1], samples)
-
-
 # ----------------------------------------------------------------------------------------- kd2deploy eval
 def _student_path(target: Path) -> Path | None:
     if target.is_dir() and (target / STUDENT).is_file():
@@ -193,13 +156,14 @@ def _student_path(target: Path) -> Path | None:
     return target if target.is_file() and target.suffix == ".pt" else None
 
 
-def _resolve_target(target: Path) -> tuple[list[Deployable], DataConfig, int]:
-    """What to evaluate for any target `kd2deploy eval` accepts, and the data config and seed of its val split."""
+def _resolve_target(target: Path, samples: int | None, val_dir: Path | None
+                    ) -> tuple[list[Deployable], LabelledImages]:
+    """What to evaluate for any target `kd2deploy eval` accepts, and the val images to score it on."""
     if not target.exists():
         raise UserError(f"{target} does not exist. `kd2deploy eval` takes {ACCEPTED_TARGETS}.")
     if target.is_dir() and (target / MANIFEST).is_file():
         manifest = load_manifest(target)
-        return manifest_deployables(target, manifest), *manifest_data(manifest, target)
+        return manifest_deployables(target, manifest), manifest_val_set(manifest, target, samples, val_dir)
     if target.is_file() and target.suffix in ARTIFACT_SUFFIXES:
         folder = next((p for p in target.parents if (p / MANIFEST).is_file()), target.parent)
         manifest = load_manifest(folder)
@@ -207,35 +171,51 @@ def _resolve_target(target: Path) -> tuple[list[Deployable], DataConfig, int]:
         if not records:
             raise UserError(f"{target} is not listed in {folder / MANIFEST}. Evaluate an artifact written by "
                             "`kd2deploy export`, inside its export folder.")
-        return [artifact_deployable(folder, records[0])], *manifest_data(manifest, folder)
+        return [artifact_deployable(folder, records[0])], manifest_val_set(manifest, folder, samples, val_dir)
     student = _student_path(target)
     if student is None:
         raise UserError(f"{target} is none of what `kd2deploy eval` takes: {ACCEPTED_TARGETS}.")
-    recipe = load_student(student)[1]["recipe"]
-    deployable = Deployable(student.name, "pytorch", "fp32", student)
-    return [deployable], data_config(recipe["data"], student), recipe["optim"]["seed"]
+    reason = get_backend("pytorch").unavailable()
+    if reason:
+        raise UserError(f"{student} is a PyTorch checkpoint, but {reason}.")
+    from .checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(student)
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != STUDENT_FORMAT:
+        raise UserError(f"{student} is not a kd2deploy student checkpoint (format {STUDENT_FORMAT}). Give a run "
+                        "folder or its student.pt, written by `kd2deploy train`.")
+    info = checkpoint["data"]
+    transform = EvalTransform.from_input(info)
+    if val_dir is not None:
+        images = image_folder(val_dir, info["class_names"], transform, "--val").spread(samples)
+    else:
+        recipe = checkpoint["recipe"]
+        images = recorded_val_set(data_config(recipe["data"], student).model_dump(), recipe["optim"]["seed"],
+                                  info["class_names"], transform, samples, str(student))
+    return [Deployable(student.name, "pytorch", "fp32", student)], images
 
 
-def evaluate_target(target: Path, val_samples: int | None = None, console: Console | None = None
-                    ) -> dict[str, Any]:
-    """Top-1/top-5 on the val split of a run folder, student.pt, export folder or exported .onnx file."""
+def evaluate_target(target: Path, val_samples: int | None = None, console: Console | None = None,
+                    val_dir: Path | None = None) -> dict[str, Any]:
+    """Top-1/top-5 of a run folder, student.pt, export folder or exported artifact file, on its run's val split
+    or on `val_dir`."""
     console = console or Console()
     target = Path(target)
-    deployables, cfg, seed = _resolve_target(target)
-    val = val_split(cfg, seed, val_samples)
+    deployables, images = _resolve_target(target, val_samples, val_dir)
     results = []
     for deployable in deployables:
-        with console.status(f"evaluating {deployable.name} on {len(val)} val images"):
-            metrics = evaluate_runner(deployable.load(), val)
+        with console.status(f"evaluating {deployable.name} on {len(images)} val images"):
+            metrics = evaluate_runner(deployable.load().run, images)
         export_check = deployable.record["verification"] if deployable.record else None
         results.append({"target": deployable.name, "backend": deployable.backend,
                         "precision": deployable.precision, **metrics, "export_check": export_check})
+    source = getattr(images, "source", "val")
     table = Table("target", "backend", "precision", Column("top-1 %", justify="right"),
                   Column("top-5 %", justify="right"), Column("images", justify="right"), "checked at export",
-                  title=f"{target} on {cfg.dataset} val")
+                  title=f"{target} on {source}")
     for r in results:
         check = r["export_check"]
         table.add_row(r["target"], r["backend"], r["precision"], f"{r['top1']:.2f}", f"{r['top5']:.2f}",
                       str(r["count"]), check_summary(check, with_top1=True) if check else "-")
     print_table(console, table)
-    return {"target": str(target), "dataset": cfg.dataset, "results": results}
+    return {"target": str(target), "val": source, "results": results}

@@ -9,13 +9,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .errors import UserError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 STUDENT_FORMAT = "kd2deploy.student/1"
+STUDENT = "student.pt"  # the deployable file of a run folder
 RUN_FORMAT = "kd2deploy.run/1"
 
 
@@ -35,6 +34,8 @@ def atomic_write(path: Path, write: Any) -> None:
 
 
 def atomic_save(obj: Any, path: Path) -> None:
+    import torch  # here, not at the top: export folders are read on devices without torch (kd2deploy[edge])
+
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
@@ -46,6 +47,8 @@ def load_checkpoint(path: Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"Checkpoint {path} does not exist. Give the path of a student.pt or last.pt from a run.")
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for truncated or foreign files

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import CheckFailed, UserError
 
@@ -17,6 +18,7 @@ recipes_app = typer.Typer(no_args_is_help=True, help="List, show and validate re
 app.add_typer(recipes_app, name="recipes")
 console = Console()
 err_console = Console(stderr=True)
+TRAINING_STACK = ("torch", "torchvision", "timm", "onnx", "onnxscript", "onnxslim")
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -27,11 +29,19 @@ def user_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
-            err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=UserError.exit_code) from None
         except CheckFailed as exc:
-            err_console.print(f"[bold red]failed:[/bold red] {exc}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]failed:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=CheckFailed.exit_code) from None
+        except ModuleNotFoundError as exc:
+            if exc.name not in TRAINING_STACK:
+                raise
+            message = (f"`kd2deploy {fn.__name__.rstrip('_')}` needs {exc.name}, which is not installed: this is an "
+                       "edge install (kd2deploy[edge]), which benchmarks and evaluates export folders only. Install "
+                       'the training stack with `pip install "kd2deploy[train]"`.')
+            err_console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=UserError.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("interrupted; the last completed checkpoint is kept (continue with --resume)")
             raise typer.Exit(code=130) from None
@@ -118,40 +128,57 @@ def export(
 @app.command()
 @user_errors
 def bench(
-    artifact_dir: Path | None = typer.Argument(None, help="An export folder holding manifest.json."),
+    paths: list[Path] | None = typer.Argument(None, help="Export folders (holding manifest.json) and run folders "
+                                              "(holding student.pt), benchmarked into one table."),
+    backends: str | None = typer.Option(None, "--backends", help="Comma-separated: pytorch, pytorch-compiled, "
+                                        "onnxruntime, openvino, tensorrt (default: all that run here)."),
+    precisions: str | None = typer.Option(None, "--precisions", help="Comma-separated: fp32, fp16, int8 "
+                                          "(default: all)."),
     batch: str = typer.Option("1,32", "--batch", help="Comma-separated batch sizes."),
     iters: int = typer.Option(50, "--iters", min=1, help="Timed runs per row (at least this many with --duration)."),
     duration: float | None = typer.Option(None, "--duration", min=0, help="Seconds of timed runs per row."),
-    warmup: int = typer.Option(10, "--warmup", min=0, help="Untimed warm-up runs per row, excluded from the figures."),
-    threads: int = typer.Option(0, "--threads", min=0, help="CPU threads per runtime (0: all cores)."),
-    val_samples: int = typer.Option(0, "--val-samples", min=0, help="Limit the top-1 evaluation (0: whole val split)."),
+    warmup: int = typer.Option(10, "--warmup", min=1, help="Untimed warm-up runs per row (compilation, caches), "
+                                                           "excluded from the figures."),
+    threads: int | None = typer.Option(None, "--threads", min=0, help="CPU threads per runtime, recorded "
+                                       "(default: all cores; 0: each runtime's own default)."),
+    val: Path | None = typer.Option(None, "--val", help="Val images for top-1: a folder with one sub-folder per "
+                                                        "class (default: the run's own val split)."),
+    val_samples: int | None = typer.Option(None, "--val-samples", min=0, help="Score top-1 on this many val images, "
+                                           "spread over the classes (default: all; 0: no top-1)."),
     max_drop: float = typer.Option(1.0, "--max-drop", min=0, help="Top-1 points the recommendation may lose."),
+    out: Path | None = typer.Option(None, "--out", help="Folder for bench.md/csv/json/png (default: the one folder "
+                                                        "benchmarked, or runs/bench for several)."),
     compare: tuple[Path, Path] | None = typer.Option(None, "--compare", help="Show two bench.json files side by side "
                                                      "instead of benchmarking."),
 ) -> None:
-    """Measure every artifact in ARTIFACT_DIR: top-1 on the val split, latency percentiles and throughput; write
+    """Benchmark every artifact x backend x precision x batch size of the given folders, each artifact in a fresh
+    process: top-1, latency p50/p90/p99/mean, images/s, peak memory, size, params and GFLOPs; write
     bench.md/csv/json and an accuracy-vs-latency plot; or compare two runs with --compare A.json B.json."""
     from .bench import compare_reports, run_bench
 
     if compare:
         compare_reports(*compare, console=console)
         return
-    if artifact_dir is None:
-        raise UserError("`kd2deploy bench` needs an export folder (ARTIFACT_DIR), or --compare A.json B.json.")
-    run_bench(artifact_dir, batches=_csv_ints(batch, "--batch"), iters=iters, warmup=warmup, threads=threads,
-              val_samples=val_samples or None, duration=duration, max_drop=max_drop, console=console)
+    if not paths:
+        raise UserError("`kd2deploy bench` needs export or run folders (PATHS...), or --compare A.json B.json.")
+    run_bench(paths, batches=_csv_ints(batch, "--batch"), iters=iters, warmup=warmup, threads=threads,
+              val_samples=val_samples, duration=duration, max_drop=max_drop, backends=_csv(backends),
+              precisions=_csv(precisions), val_dir=val, out=out, console=console)
 
 
 @app.command(name="eval")
 @user_errors
 def eval_(
-    target: Path = typer.Argument(..., help="A run folder, student.pt, an export folder or an .onnx file."),
+    target: Path = typer.Argument(..., help="A run folder, student.pt, an export folder or an artifact file "
+                                            "(.onnx, .xml, .engine) inside one."),
+    val: Path | None = typer.Option(None, "--val", help="Val images: a folder with one sub-folder per class "
+                                                        "(default: the run's own val split)."),
     val_samples: int = typer.Option(0, "--val-samples", min=0, help="Limit the evaluation (0: whole val split)."),
 ) -> None:
-    """Top-1/top-5 of a trained student or an exported artifact on its val split."""
+    """Top-1/top-5 of a trained student or an exported artifact on its val split (or on --val DIR)."""
     from .artifacts import evaluate_target
 
-    evaluate_target(target, val_samples=val_samples or None, console=console)
+    evaluate_target(target, val_samples=val_samples or None, console=console, val_dir=val)
 
 
 @app.command()

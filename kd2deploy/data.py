@@ -1,10 +1,12 @@
 """Datasets and loaders: torchvision datasets, timm transforms and mixup, distributed samplers."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
@@ -13,8 +15,8 @@ from torchvision import datasets
 from .errors import UserError
 from .models import CIFAR_MEAN, CIFAR_STD
 from .recipe import DataConfig
+from .valdata import MINI_CIFAR10
 
-MINI_CIFAR10 = Path(__file__).resolve().parent / "assets" / "mini_cifar10"
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 
@@ -156,6 +158,31 @@ def build_datasets(cfg: DataConfig, seed: int = 0, augment: bool = True
         train = Subset(train, sorted(order[: cfg.train_subset]))
     train_tf = train_transform(cfg, info) if augment else eval_transform(info)
     return SampleDataset(train, train_tf), SampleDataset(val, eval_transform(info)), info
+
+
+def val_dataset(cfg: DataConfig, seed: int = 0) -> SampleDataset:
+    """The val split alone, with the eval transform."""
+    return build_datasets(cfg, seed, augment=False)[1]
+
+
+def spread_subset(dataset: Dataset, n: int | None) -> Dataset:
+    """n images spread evenly over the split (all of them when n is None or larger): ImageFolder splits are
+    sorted by class, so the first n images would cover only a few classes."""
+    if n is None or n >= len(dataset):
+        return dataset
+    return Subset(dataset, np.linspace(0, len(dataset) - 1, n).round().astype(int).tolist())
+
+
+def random_subset(dataset: Dataset, n: int, seed: int) -> Dataset:
+    if n >= len(dataset):
+        return dataset
+    return Subset(dataset, sorted(np.random.default_rng(seed).choice(len(dataset), n, replace=False).tolist()))
+
+
+def numpy_batches(dataset: Dataset, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(images float32 NCHW, targets) batches in dataset order: what every deployment runner takes."""
+    for images, targets, _ in eval_loader(dataset, batch_size, num_workers=0):
+        yield images.numpy(), targets.numpy()
 
 
 def build_mixup(cfg: DataConfig, num_classes: int) -> Mixup | None:

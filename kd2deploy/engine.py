@@ -20,7 +20,7 @@ from timm.scheduler import create_scheduler_v2
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .checkpoint import RUN_FORMAT, STUDENT_FORMAT, atomic_save, atomic_write_text, load_checkpoint, provenance
+from .checkpoint import RUN_FORMAT, STUDENT, STUDENT_FORMAT, atomic_save, atomic_write_text, load_checkpoint, provenance
 from .data import build_datasets, build_mixup, eval_loader, train_loader
 from .distill import Distiller, get_method_class
 from .distributed import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown
@@ -31,7 +31,6 @@ from .recipe import Recipe, check_files, distill_params
 from .teacher_cache import prepare_teacher_cache
 
 LAST = "last.pt"
-STUDENT = "student.pt"
 METRICS = "metrics.csv"
 REFRESH = 10  # progress-bar refresh interval in steps
 

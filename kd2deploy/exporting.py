@@ -26,19 +26,16 @@ from .artifacts import (
     check_summary,
     data_config,
     load_manifest,
-    numpy_batches,
     print_table,
-    random_subset,
-    spread_subset,
 )
 from .backends import Backend, BackendUnavailable, ExportRequest, backend_for_format, get_backend
 from .backends.ort import ONNX_FILE
 from .backends.pytorch import PyTorchBackend
 from .checkpoint import atomic_write_text, provenance, sha256
-from .data import CHANNELS, DataInfo, build_datasets
+from .data import CHANNELS, DataInfo, build_datasets, numpy_batches, random_subset, spread_subset
 from .engine import load_student, student_checkpoint
 from .errors import CheckFailed, UserError
-from .models import count_params
+from .models import model_complexity
 from .onnx_export import export_onnx
 from .targets import CALIB_METHODS, FORMATS, PRECISIONS, TargetProfile, host_target, load_target
 
@@ -62,7 +59,7 @@ class ExportSource:
     seed: int
     model_spec: dict[str, Any]
     checkpoint: dict[str, str]  # {"path", "sha256"} of the student.pt the artifacts descend from
-    params: int
+    complexity: dict[str, Any]  # params and GFLOPs per image, for the manifest and bench tables
     export_dir: Path | None = None  # set when building from an export folder
 
 
@@ -73,13 +70,15 @@ def load_source(source: Path) -> ExportSource:
             raise UserError(f"{source} was exported by an older kd2deploy (no {FP32_ONNX} or no data_info in its "
                             "manifest). Re-export it from its run folder with `kd2deploy export RUN_DIR`.")
         return ExportSource(None, DataInfo.from_dict(manifest["data_info"]), manifest["data"], manifest["split_seed"],
-                            manifest["model"], manifest["source_checkpoint"], manifest["model"]["params"], source)
+                            manifest["model"], manifest["source_checkpoint"],
+                            {k: manifest["model"][k] for k in ("params", "gflops") if k in manifest["model"]}, source)
     student_path = student_checkpoint(source)
     model, ckpt = load_student(student_path)
     recipe = ckpt["recipe"]
     checkpoint = {"path": str(student_path.resolve()), "sha256": sha256(student_path)}
-    return ExportSource(model, DataInfo.from_dict(ckpt["data"]), recipe["data"], recipe["optim"]["seed"], ckpt["model"],
-                        checkpoint, count_params(model))
+    info = DataInfo.from_dict(ckpt["data"])
+    return ExportSource(model, info, recipe["data"], recipe["optim"]["seed"], ckpt["model"], checkpoint,
+                        model_complexity(model, (CHANNELS, info.img_size, info.img_size)))
 
 
 # ----------------------------------------------------------------------------------------- verification
@@ -182,7 +181,7 @@ def build_manifest(source: ExportSource, profile: TargetProfile, records: list[d
     return {
         "format": MANIFEST_FORMAT,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": {**source.model_spec, "params": source.params},
+        "model": {**source.model_spec, **source.complexity},
         "input": {"shape": [CHANNELS, info.img_size, info.img_size], "layout": "NCHW", "dtype": "float32",
                   "mean": list(info.mean), "std": list(info.std), "interpolation": info.interpolation,
                   "crop_pct": info.crop_pct, "img_size": info.img_size},

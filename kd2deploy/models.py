@@ -139,4 +139,18 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def model_complexity(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, Any]:
+    """Parameters and GFLOPs for one image. torch's FlopCounterMode counts convolutions and matrix multiplies
+    (attention included) at 2 FLOPs per multiply-add, so ResNet-18 at 224 is 3.6 (the "1.8 GFLOPs" papers quote
+    are multiply-adds); elementwise work, such as involution's multiply-and-sum, is not counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, *input_shape))
+    model.train(was_training)
+    return {"params": count_params(model), "gflops": counter.get_total_flops() / 1e9}
+
+
 from . import involution, token_vit  # noqa: E402,F401  (register their models with timm)

@@ -42,7 +42,8 @@ def run_quickstart(out: Path, console: Console, overrides: list[str] | None = No
     manifest = export_run(out / "kd", out_dir=out / "kd" / "export", formats=["onnx"], precisions=["fp32", "int8"],
                           calib_samples=256, console=console)
     console.rule("[bold]bench[/bold]")
-    rows = run_bench(Path(manifest["artifact_dir"]), batches=[1, 32], iters=30, warmup=5, threads=0,
+    rows = run_bench(Path(manifest["artifact_dir"]), batches=[1, 32], iters=30, warmup=5,
+                     backends=["pytorch", "onnxruntime"],
                      val_samples=None, console=console)
 
     table = Table("run", "model", "parameters", "val top-1 %",

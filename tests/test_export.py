@@ -13,7 +13,7 @@ import torch
 from conftest import quiet, train_run
 from typer.testing import CliRunner
 
-from kd2deploy.artifacts import MANIFEST, evaluate_target, manifest_data, val_split
+from kd2deploy.artifacts import MANIFEST, evaluate_target, manifest_val_set
 from kd2deploy.backends import get_backend
 from kd2deploy.backends.ort import OnnxRuntimeBackend
 from kd2deploy.checkpoint import load_checkpoint, sha256
@@ -72,8 +72,7 @@ def test_fp32_matches_pytorch_on_real_images(manifest, export_dir, run_dir):
     assert record["exporter"] == "dynamo" and record["opset"] == 18 and record["simplified"].startswith("onnxslim")
 
     # independently of the manifest: the same val images through both runtimes
-    val = val_split(*manifest_data(manifest, export_dir), samples=16)
-    images = np.stack([val[i][0].numpy() for i in range(len(val))])
+    images = next(manifest_val_set(manifest, export_dir, samples=16).batches(16))[0]
     onnx_logits = get_backend("onnxruntime").load(export_dir / artifact(manifest, "fp32")["file"]).run(images)
     torch_logits = get_backend("pytorch").load(run_dir).run(images)
     np.testing.assert_allclose(onnx_logits, torch_logits, atol=1e-3, rtol=0)

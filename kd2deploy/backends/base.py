@@ -6,19 +6,24 @@ follows timm's model registry: a decorator fills a name -> class table that the 
 """
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from rich.console import Console
 
 from ..checkpoint import sha256
-from ..data import DataInfo
 from ..errors import UserError
 from ..targets import TargetProfile, host_target
+
+if TYPE_CHECKING:  # the data module needs torch; runners must import without it (kd2deploy[edge])
+    from ..data import DataInfo
+
+INPUT_NAME, OUTPUT_NAME = "input", "logits"  # the I/O tensor names of every exported graph
 
 Batches = Callable[[], Iterator[np.ndarray]]  # a fresh iterator of NCHW float32 batches per call
 LabelledBatches = Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]
@@ -53,6 +58,21 @@ class BackendUnavailable(UserError):
         self.records = records or []
 
 
+def host_timings(run: Callable[[np.ndarray], Any], batch: np.ndarray, iters: int, warmup: int,
+                 duration: float | None = None) -> list[float]:
+    """Wall-clock seconds per `run(batch)` after `warmup` untimed runs (allocations, kernel selection, caches):
+    `iters` runs, or with `duration`, as many as fit in that many seconds (at least `iters`)."""
+    for _ in range(warmup):
+        run(batch)
+    times: list[float] = []
+    deadline = time.perf_counter() + (duration or 0.0)
+    while len(times) < iters or time.perf_counter() < deadline:
+        start = time.perf_counter()
+        run(batch)
+        times.append(time.perf_counter() - start)
+    return times
+
+
 class Backend(ABC):
     """A runtime that runs artifacts and, when it overrides `export`, builds them."""
 
@@ -78,6 +98,18 @@ class Backend(ABC):
     @abstractmethod
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Logits (N, num_classes) float32 for a float32 NCHW batch, normalised like the eval transform."""
+
+    # what `kd2deploy bench` reads; GPU runners override both
+    timing_method: ClassVar[str] = "host wall clock per run() call, input and output on the host"
+
+    def time_batch(self, batch: np.ndarray, iters: int, warmup: int, duration: float | None = None) -> list[float]:
+        """Seconds per inference of `batch`, warm-up excluded. On the CPU, host wall-clock time of run(); a GPU
+        runner times its own enqueue with CUDA events on a resident input (what trtexec calls GPU compute time)."""
+        return host_timings(self.run, batch, iters, warmup, duration)
+
+    def device_memory_bytes(self) -> int | None:
+        """Peak accelerator memory this runner has used (None on the CPU, where the process's peak RSS counts)."""
+        return None
 
 
 def artifact_record(path: Path, out_dir: Path, *, name: str, backend: str, file_format: str, precision: str,

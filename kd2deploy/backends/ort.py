@@ -8,23 +8,21 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
-from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from ..checkpoint import atomic_write
-from ..onnx_export import INPUT_NAME
 from ..targets import resolve_ort_preset
-from .base import Backend, ExportRequest, artifact_record, register_backend
+from .base import INPUT_NAME, Backend, ExportRequest, artifact_record, register_backend
 
 ONNX_FILE = "model.onnx"
-CALIBRATION_METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                       "percentile": CalibrationMethod.Percentile}
+# onnxruntime.quantization needs the onnx package, which running a model does not: it is imported only to quantize,
+# so kd2deploy[edge] runs .onnx files without it. Its enums are named here and looked up then.
+CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 
 # kd2deploy's own preset, for machines without optimum: uint8 activations x int8 weights is the pairing x86's
 # VPMADDUBSW/VNNI kernels take; reduce_range (7-bit weights) avoids that instruction's int16 saturation on CPUs
 # without VNNI, so one artifact is safe on any x86 machine, at a small accuracy cost per-channel scales recover.
-PORTABLE_PRESET = {"quant_format": QuantFormat.QDQ, "activation_type": QuantType.QUInt8,
-                   "weight_type": QuantType.QInt8, "per_channel": True, "reduce_range": True,
+PORTABLE_PRESET = {"quant_format": "QDQ", "activation_type": "QUInt8", "weight_type": "QInt8", "per_channel": True,
+                   "reduce_range": True,
                    "op_types_to_quantize": None, "extra_options": {}}
 EXTRA_OPTIONS = {
     # the same ranges as keeping every intermediate output at once, in bounded memory on large inputs
@@ -51,22 +49,32 @@ def preset_settings(preset: str) -> tuple[str, dict[str, Any]]:
                             "reduce_range": config.reduce_range, "op_types_to_quantize": config.operators_to_quantize,
                             "extra_options": {"ActivationSymmetric": config.activations_symmetric,
                                               "WeightSymmetric": config.weights_symmetric}}
-    return "portable", dict(PORTABLE_PRESET)
+    from onnxruntime.quantization import QuantFormat, QuantType
+
+    settings = dict(PORTABLE_PRESET)
+    settings["quant_format"] = QuantFormat[settings["quant_format"]]
+    settings["activation_type"], settings["weight_type"] = (QuantType[settings[k]] for k in ("activation_type",
+                                                                                             "weight_type"))
+    return "portable", settings
 
 
-class _CalibrationReader(CalibrationDataReader):
+def _calibration_reader(batches: Iterable[np.ndarray]):
     """Feeds calibration batches to onnxruntime's calibrator, one {input name: batch} dict at a time."""
+    from onnxruntime.quantization import CalibrationDataReader
 
-    def __init__(self, batches: Iterable[np.ndarray]):
-        self._batches = iter(batches)
-        self.images = 0
+    class CalibrationReader(CalibrationDataReader):
+        def __init__(self):
+            self._batches = iter(batches)
+            self.images = 0
 
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        batch = next(self._batches, None)
-        if batch is None:
-            return None
-        self.images += len(batch)
-        return {INPUT_NAME: batch}
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self._batches, None)
+            if batch is None:
+                return None
+            self.images += len(batch)
+            return {INPUT_NAME: batch}
+
+    return CalibrationReader()
 
 
 def _quantizable_op_types(settings: dict[str, Any], exclude: Iterable[str]) -> list[str] | None:
@@ -83,9 +91,12 @@ def quantize_qdq(fp32_path: Path, out_path: Path, calibration: Iterable[np.ndarr
                  exclude_nodes: Iterable[str] = ()) -> dict[str, Any]:
     """Static INT8 (QDQ) from the FP32 model after ONNX Runtime's pre-processing (symbolic shape inference and
     graph fusions), calibrated on `calibration`; returns the settings used, for the manifest."""
+    from onnxruntime.quantization import CalibrationMethod, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
     used, settings = preset_settings(resolve_ort_preset(preset))
     op_types = _quantizable_op_types(settings, exclude_op_types)
-    reader = _CalibrationReader(calibration)
+    reader = _calibration_reader(calibration)
     extra = {**EXTRA_OPTIONS, **settings["extra_options"]}
     with tempfile.TemporaryDirectory(prefix="kd2deploy-quant-") as scratch:
         prepared = Path(scratch) / "prepared.onnx"
@@ -94,7 +105,7 @@ def quantize_qdq(fp32_path: Path, out_path: Path, calibration: Iterable[np.ndarr
             str(prepared), str(tmp), reader, quant_format=settings["quant_format"],
             activation_type=settings["activation_type"], weight_type=settings["weight_type"],
             per_channel=settings["per_channel"], reduce_range=settings["reduce_range"], op_types_to_quantize=op_types,
-            nodes_to_exclude=list(exclude_nodes), calibrate_method=CALIBRATION_METHODS[calib_method],
+            nodes_to_exclude=list(exclude_nodes), calibrate_method=CalibrationMethod[CALIBRATION_METHODS[calib_method]],
             extra_options=extra))
     return {"preset": used, "quant_format": settings["quant_format"].name,
             "activation_type": settings["activation_type"].name, "weight_type": settings["weight_type"].name,

@@ -1,35 +1,129 @@
-"""PyTorch eager: the reference every artifact is compared with; runs a run's student.pt, exports nothing."""
+"""PyTorch eager, the reference every artifact is compared with, and PyTorch compiled (torch.compile, Inductor);
+both run a run's student.pt and export nothing. torch is imported when a runner is made, so the registry (and
+kd2deploy[edge], which has no torch) imports this module without it."""
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
-from ..engine import load_student
+from ..errors import UserError
 from .base import Backend, register_backend
+
+INSTALL_HINT = ('install the training stack (`pip install "kd2deploy[train]"`); export folders run without it on '
+                "ONNX Runtime, OpenVINO or TensorRT")
 
 
 @register_backend
 class PyTorchBackend(Backend):
     name = "pytorch"
 
-    def __init__(self, model: nn.Module, threads: int = 0):
-        self.model = model.eval()
-        self.threads = threads
+    def __init__(self, model: Any, threads: int = 0, device: str = "cpu"):
+        self.model, self.threads, self.device = model.eval().to(device), threads, device
+        self.module = self.model  # what run() calls; the compiled backend wraps it
+        if device == "cuda":
+            self.timing_method = "CUDA events around one forward of a resident input, no host copies"
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        return None if importlib.util.find_spec("torch") else f"torch is not installed: {INSTALL_HINT}"
 
     @classmethod
     def load(cls, path: Path, threads: int = 0) -> PyTorchBackend:
-        return cls(load_student(path)[0], threads)
+        reason = cls.unavailable()
+        if reason:
+            raise UserError(f"{path} is a PyTorch checkpoint, but {reason}.")
+        import torch
 
-    @torch.inference_mode()
-    def run(self, batch: np.ndarray) -> np.ndarray:
+        from ..engine import load_student
+
+        return cls(load_student(path)[0], threads, "cuda" if torch.cuda.is_available() else "cpu")
+
+    @contextlib.contextmanager
+    def _threads(self) -> Iterator[None]:
+        """torch's thread count is process-wide: set it for the call, restore it for other code."""
+        import torch
+
         if self.threads <= 0:
-            return self.model(torch.from_numpy(batch)).float().numpy()
-        previous = torch.get_num_threads()  # torch's thread count is process-wide: restore it for other code
+            yield
+            return
+        previous = torch.get_num_threads()
         torch.set_num_threads(self.threads)
         try:
-            return self.model(torch.from_numpy(batch)).float().numpy()
+            yield
         finally:
             torch.set_num_threads(previous)
+
+    def _forward(self, images: Any) -> Any:
+        import torch
+
+        with torch.inference_mode(), self._threads():
+            return self.module(images)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        return self._forward(torch.from_numpy(batch).to(self.device)).float().cpu().numpy()
+
+    def time_batch(self, batch: np.ndarray, iters: int, warmup: int, duration: float | None = None) -> list[float]:
+        if self.device != "cuda":
+            return super().time_batch(batch, iters, warmup, duration)
+        import time
+
+        import torch
+
+        images = torch.from_numpy(batch).to(self.device)
+        for _ in range(max(1, warmup)):
+            self._forward(images)
+        torch.cuda.synchronize()
+        times: list[float] = []
+        deadline = time.perf_counter() + (duration or 0.0)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        while len(times) < iters or time.perf_counter() < deadline:
+            start.record()
+            self._forward(images)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        return times
+
+    def device_memory_bytes(self) -> int | None:
+        if self.device != "cuda":
+            return None
+        import torch
+
+        return int(torch.cuda.max_memory_allocated())
+
+
+def _cxx_compiler() -> str | None:
+    return os.environ.get("CXX") or next((c for c in ("g++", "clang++", "c++") if shutil.which(c)), None)
+
+
+@register_backend
+class CompiledPyTorchBackend(PyTorchBackend):
+    """torch.compile with Inductor. Each new batch shape compiles once, during that row's warm-up; on a GPU,
+    mode="reduce-overhead" replays CUDA graphs."""
+
+    name = "pytorch-compiled"
+
+    def __init__(self, model: Any, threads: int = 0, device: str = "cpu"):
+        import torch
+
+        super().__init__(model, threads, device)
+        self.module = torch.compile(self.model, mode="reduce-overhead" if device == "cuda" else None)
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        reason = super().unavailable()
+        if reason is None and _cxx_compiler() is None:
+            import torch
+
+            if not torch.cuda.is_available():  # Inductor's CPU code is C++, built on first run
+                return "torch.compile on the CPU needs a C++ compiler (g++ or clang++; or set CXX)"
+        return reason
