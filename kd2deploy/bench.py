@@ -10,6 +10,7 @@ import io
 import json
 import os
 import resource
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -45,12 +46,14 @@ from .valdata import LabelledImages, evaluate_runner
 COLUMNS = [("model", "model", "{}"), ("artifact", "artifact", "{}"), ("backend", "backend", "{}"),
            ("batch", "batch", "{}"), ("top1", "top-1 %", "{:.2f}"), ("p50_ms", "p50 ms", "{:.3f}"),
            ("p90_ms", "p90 ms", "{:.3f}"), ("p99_ms", "p99 ms", "{:.3f}"), ("mean_ms", "mean ms", "{:.3f}"),
+           ("runtime_p50_ms", "runtime p50 ms", "{:.3f}"),
            ("images_per_s", "images/s", "{:.0f}"), ("peak_rss_mb", "peak RSS MB", "{:.0f}"),
            ("gpu_mem_mb", "GPU MB", "{:.0f}"), ("size_mb", "size MB", "{:.2f}"), ("params_m", "params M", "{:.2f}"),
            ("gflops", "GFLOPs", "{:.2f}")]
 TEXT_COLUMNS = ("model", "artifact", "backend")
 CSV_FIELDS = ["model", "artifact", "backend", "precision", "batch", "top1", "p50_ms", "p90_ms", "p99_ms", "mean_ms",
-              "images_per_s", "runs", "peak_rss_mb", "gpu_mem_mb", "size_mb", "params_m", "gflops", "timing"]
+              "runtime_p50_ms", "images_per_s", "runs", "peak_rss_mb", "gpu_mem_mb", "size_mb", "params_m", "gflops",
+              "timing"]
 DEFAULT_OUT = Path("runs/bench")
 
 
@@ -104,8 +107,15 @@ def machine_context(threads: int, iters: int, warmup: int, val_images: int | Non
             "threads": threads, "iters": iters, "warmup": warmup, "duration_s": duration, "val_images": val_images,
             "busy_cores_before": busy_before, "harness_overhead_us": harness_overhead_us(),
             "isolation": "each artifact in a fresh process", "timing": sorted(set(timing)),
-            "versions": library_versions(), "command": " ".join(sys.argv),
+            "versions": library_versions(), "command": invocation(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def invocation() -> str:
+    """The command line as typed: `kd2deploy ...` whether it ran as the console script or `python -m kd2deploy`."""
+    if Path(sys.argv[0]).name in ("kd2deploy", "__main__.py"):
+        return shlex.join(["kd2deploy", *sys.argv[1:]])
+    return shlex.join(sys.argv)
 
 
 def training_machine() -> dict[str, Any]:
@@ -230,8 +240,10 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     for batch in sorted(job["batches"]):
         images = rng.standard_normal((batch, *job["input_shape"]), dtype=np.float32)
         times = runner.time_batch(images, job["iters"], job["warmup"], job["duration"])
-        gpu = runner.device_memory_bytes()
-        rows.append({"batch": batch, **latency_stats(times, batch), "peak_rss_mb": _peak_rss_mb(),
+        gpu, runtime = runner.device_memory_bytes(), runner.runtime_timings
+        rows.append({"batch": batch, **latency_stats(times, batch),
+                     "runtime_p50_ms": 1e3 * float(np.median(runtime)) if runtime else None,
+                     "peak_rss_mb": _peak_rss_mb(),
                      "gpu_mem_mb": None if gpu is None else gpu / 2**20, "timing": runner.timing_method})
     top1 = None
     if job["val"]:
@@ -396,9 +408,13 @@ def recommendation_line(rec: dict[str, Any] | None) -> str:
             f"{rec['max_drop']:g} top-1 points of the most accurate (it loses {rec['drop']:.2f}).")
 
 
-def plot_accuracy_latency(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
-    """Top-1 against p50 latency at the smallest batch, one point per artifact, the Pareto front drawn. Returns
-    False (no plot) when no row has a top-1."""
+BACKEND_MARKERS = {"pytorch": "o", "pytorch-compiled": "D", "onnxruntime": "s", "openvino": "^", "tensorrt": "*"}
+
+
+def plot_accuracy_latency(rows: list[dict[str, Any]], path: Path) -> bool:
+    """Top-1 against p50 latency at the smallest batch: one point per artifact, coloured by model, shaped by
+    backend, the Pareto front drawn and its points named (naming every point would pile labels up). Returns False
+    (no plot) when no row has a top-1."""
     batch = min(r["batch"] for r in rows)
     chosen = [r for r in rows if r["batch"] == batch and r.get("top1") is not None]
     if not chosen:
@@ -407,22 +423,33 @@ def plot_accuracy_latency(rows: list[dict[str, Any]], path: Path, title: str) ->
 
     matplotlib.use("Agg")  # files only: no display on servers and boards
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import LogLocator, NullFormatter, StrMethodFormatter
 
+    models = sorted({r["model"] for r in chosen})
+    colors = {model: plt.get_cmap("tab10")(i % 10) for i, model in enumerate(models)}
     points = [(r["p50_ms"], r["top1"]) for r in chosen]
     front = pareto_front(points)
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    ax.scatter(*zip(*points, strict=True), color="tab:gray", zorder=2)
-    ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "-o", color="tab:red", zorder=3,
-            label="Pareto front")
+    fig, ax = plt.subplots(figsize=(9, 5), dpi=120)
     for r, (x, y) in zip(chosen, points, strict=True):
-        ax.annotate(_label(r, rows), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.scatter(x, y, color=colors[r["model"]], marker=BACKEND_MARKERS.get(r["backend"], "o"), s=40, zorder=3,
+                   edgecolors="black", linewidths=0.4)
+    ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "--", color="black", lw=1, zorder=2)
+    for k, i in enumerate(front):  # alternately above and below: neighbours on the front are often close
+        ax.annotate(_label(chosen[i], rows), points[i], textcoords="offset points", xytext=(5, 5 if k % 2 else -12),
+                    fontsize=8)
     ax.set_xscale("log")
-    for set_formatter in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
-        set_formatter(matplotlib.ticker.FormatStrFormatter("%g"))  # 2, 3, 5 rather than 2x10^0
-    ax.set(xlabel=f"p50 latency, batch {batch} (ms, log scale)", ylabel="val top-1 (%)", title=title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+    ax.xaxis.set_major_formatter(StrMethodFormatter("{x:g}"))  # 0.2, 5, 20 rather than 2x10^-1
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set(xlabel=f"p50 latency at batch {batch} (ms, log scale)", ylabel="val top-1 (%)",
+           title=f"Top-1 vs latency at batch {batch}" + (f": {models[0]}" if len(models) == 1 else ""))
+    ax.grid(True, which="major", alpha=0.3)
+    handles = [Line2D([], [], ls="", marker="o", color=colors[m], label=m) for m in models]
+    handles += [Line2D([], [], ls="", marker=BACKEND_MARKERS.get(b, "o"), color="gray", label=b)
+                for b in sorted({r["backend"] for r in chosen})]
+    handles.append(Line2D([], [], ls="--", color="black", label="Pareto front (named)"))
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
@@ -528,7 +555,7 @@ def run_bench(paths: Sequence[Path] | Path, batches: Sequence[int] = (1, 32), it
     atomic_write_text(out / "bench.csv", bench_csv(rows))
     atomic_write_text(out / "bench.json", json.dumps({"context": context, "rows": rows, "recommendation": rec,
                                                       "failures": failures}, indent=2) + "\n")
-    plotted = plot_accuracy_latency(rows, out / "bench.png", f"{', '.join(models)}: top-1 vs latency")
+    plotted = plot_accuracy_latency(rows, out / "bench.png")
     if not plotted:
         (out / "bench.png").unlink(missing_ok=True)  # an earlier run's plot would not match this report
     print_table(console, bench_table(title, rows, context))

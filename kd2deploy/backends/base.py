@@ -107,6 +107,10 @@ class Backend(ABC):
         runner times its own enqueue with CUDA events on a resident input (what trtexec calls GPU compute time)."""
         return host_timings(self.run, batch, iters, warmup, duration)
 
+    # set by time_batch where the runtime measures each call itself (OpenVINO's request latency): seconds per
+    # timed call, so the table can show how much of the host time the runtime's own work is
+    runtime_timings: list[float] | None = None
+
     def device_memory_bytes(self) -> int | None:
         """Peak accelerator memory this runner has used (None on the CPU, where the process's peak RSS counts)."""
         return None

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
-from .base import Backend, ExportRequest, artifact_record, register_backend
+from .base import Backend, ExportRequest, artifact_record, host_timings, register_backend
 
 IR_FILE = "model.xml"
 INSTALL_HINT = 'pip install "kd2deploy[openvino]" (OpenVINO and NNCF)'
@@ -85,13 +85,21 @@ class OpenVinoBackend(Backend):
         import openvino as ov
 
         self.core, self.model, self.device = ov.Core(), model, device
-        self.config: dict[str, Any] = {"PERFORMANCE_HINT": hint}
+        self.config = self.compile_config(device, threads, hint)
+        self._requests: dict[tuple[int, ...], Any] = {}
+        self._bound: np.ndarray | None = None  # the batch the request's input tensor points at
+
+    @staticmethod
+    def compile_config(device: str = "CPU", threads: int = 0, hint: str = "LATENCY") -> dict[str, str]:
+        """The properties every IR is compiled with. bench/bench_matrix.py hands the same dict to benchmark_app
+        (-load_config), so the two time the same compiled model."""
+        config = {"PERFORMANCE_HINT": hint}
         if device == "CPU":
             # FP32 and FP16 IR run in f32: CPUs with BF16/AMX would otherwise silently compute in bfloat16
-            self.config["INFERENCE_PRECISION_HINT"] = "f32"
+            config["INFERENCE_PRECISION_HINT"] = "f32"
             if threads > 0:
-                self.config["INFERENCE_NUM_THREADS"] = threads
-        self._compiled: dict[tuple[int, ...], Any] = {}
+                config["INFERENCE_NUM_THREADS"] = str(threads)
+        return config
 
     @classmethod
     def unavailable(cls) -> str | None:
@@ -130,14 +138,46 @@ class OpenVinoBackend(Backend):
 
         return cls(ov.Core().read_model(str(path)), device, threads)
 
-    def _compiled_for(self, shape: tuple[int, ...]):
-        """One compiled model per input shape: static shapes let the CPU plugin pick its fastest kernels."""
-        if shape not in self._compiled:
+    def request_for(self, shape: tuple[int, ...]):
+        """One compiled model and infer request per input shape: static shapes let the CPU plugin pick its fastest
+        kernels, and a kept request reuses its buffers, as benchmark_app's does."""
+        if shape not in self._requests:
             model = self.model.clone()
             model.reshape({0: list(shape)})
-            self._compiled[shape] = self.core.compile_model(model, self.device, self.config)
-        return self._compiled[shape]
+            self._requests[shape] = self.core.compile_model(model, self.device, self.config).create_infer_request()
+        return self._requests[shape]
+
+    def _bind(self, batch: np.ndarray):
+        """The request for this batch's shape, its input tensor sharing the batch's memory (no copy)."""
+        import openvino as ov
+
+        request = self.request_for(tuple(batch.shape))
+        self._bound = np.ascontiguousarray(batch, dtype=np.float32)  # the tensor borrows this memory: keep it alive
+        request.set_input_tensor(ov.Tensor(self._bound, shared_memory=True))
+        return request
+
+    @staticmethod
+    def _infer(request) -> np.ndarray:
+        # sync infer, as benchmark_app's latency mode (start_async + wait hands the work to another thread, which
+        # measured ~0.02 ms slower); the logits are copied out of the request's buffer, which the next call reuses
+        return np.array(request.infer(share_outputs=True)[0], dtype=np.float32)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
-        compiled = self._compiled_for(tuple(batch.shape))
-        return np.asarray(compiled(batch)[0], dtype=np.float32)
+        return self._infer(self._bind(batch))
+
+    timing_method = ("host wall clock per inference of a resident input (set on the request once, logits copied "
+                     "out), as benchmark_app's inference-only mode; OpenVINO's own request latency alongside")
+
+    def time_batch(self, batch: np.ndarray, iters: int, warmup: int, duration: float | None = None) -> list[float]:
+        """Host seconds per inference of `batch` bound once, and, in runtime_timings, OpenVINO's own latency of
+        each of those calls (InferRequest.latency, what benchmark_app reports): their gap is the Python call."""
+        request = self._bind(batch)
+        runtime: list[float] = []
+
+        def infer(_: np.ndarray) -> None:
+            self._infer(request)
+            runtime.append(request.latency / 1e3)  # ms
+
+        times = host_timings(infer, batch, iters, warmup, duration)
+        self.runtime_timings = runtime[-len(times):]  # the timed calls, warm-up dropped
+        return times
