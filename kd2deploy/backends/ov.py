@@ -80,6 +80,8 @@ class OpenVinoBackend(Backend):
     name = "openvino"
     format = "openvino"
     precisions = ("fp32", "fp16", "int8")
+    timing_method = ("host wall clock per inference of a resident input (set on the request once, logits copied "
+                     "out), as benchmark_app's inference-only mode; OpenVINO's own request latency alongside")
 
     def __init__(self, model, device: str = "CPU", threads: int = 0, hint: str = "LATENCY"):
         import openvino as ov
@@ -165,9 +167,6 @@ class OpenVinoBackend(Backend):
     def run(self, batch: np.ndarray) -> np.ndarray:
         return self._infer(self._bind(batch))
 
-    timing_method = ("host wall clock per inference of a resident input (set on the request once, logits copied "
-                     "out), as benchmark_app's inference-only mode; OpenVINO's own request latency alongside")
-
     def time_batch(self, batch: np.ndarray, iters: int, warmup: int, duration: float | None = None) -> list[float]:
         """Host seconds per inference of `batch` bound once, and, in runtime_timings, OpenVINO's own latency of
         each of those calls (InferRequest.latency, what benchmark_app reports): their gap is the Python call."""
@@ -176,7 +175,7 @@ class OpenVinoBackend(Backend):
 
         def infer(_: np.ndarray) -> None:
             self._infer(request)
-            runtime.append(request.latency / 1e3)  # ms
+            runtime.append(request.latency / 1e3)  # reported in ms
 
         times = host_timings(infer, batch, iters, warmup, duration)
         self.runtime_timings = runtime[-len(times):]  # the timed calls, warm-up dropped
