@@ -15,7 +15,7 @@ from torchvision import datasets
 from .errors import UserError
 from .models import CIFAR_MEAN, CIFAR_STD
 from .recipe import DataConfig
-from .valdata import MINI_CIFAR10
+from .valdata import MINI_CIFAR10, spread_indices
 
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
@@ -166,11 +166,10 @@ def val_dataset(cfg: DataConfig, seed: int = 0) -> SampleDataset:
 
 
 def spread_subset(dataset: Dataset, n: int | None) -> Dataset:
-    """n images spread evenly over the split (all of them when n is None or larger): ImageFolder splits are
-    sorted by class, so the first n images would cover only a few classes."""
+    """n images at valdata.spread_indices (all of them when n is None or larger)."""
     if n is None or n >= len(dataset):
         return dataset
-    return Subset(dataset, np.linspace(0, len(dataset) - 1, n).round().astype(int).tolist())
+    return Subset(dataset, spread_indices(len(dataset), n).tolist())
 
 
 def random_subset(dataset: Dataset, n: int, seed: int) -> Dataset:

@@ -7,7 +7,6 @@ import functools
 import json
 import shutil
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -134,15 +133,7 @@ def verify_artifacts(records: list[dict[str, Any]], out_dir: Path, reference: Ba
 def median_latency_ms(runner: Backend, shape: Sequence[int], seconds: float = SPEED_SECONDS) -> float:
     """Median batch-1 latency after a short warm-up, over `seconds` of runs (at least 10)."""
     batch = np.random.default_rng(0).standard_normal((1, *shape), dtype=np.float32)
-    for _ in range(5):
-        runner.run(batch)
-    times: list[float] = []
-    deadline = time.perf_counter() + seconds
-    while len(times) < 10 or time.perf_counter() < deadline:
-        start = time.perf_counter()
-        runner.run(batch)
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
+    return 1e3 * float(np.median(runner.time_batch(batch, iters=10, warmup=5, duration=seconds)))  # as bench times
 
 
 def speed_check(records: list[dict[str, Any]], out_dir: Path, shape: Sequence[int], threads: int,

@@ -24,6 +24,12 @@ PIL_FILTERS = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling
                "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING}
 
 
+def spread_indices(length: int, n: int) -> np.ndarray:
+    """n indices spread evenly over 0..length-1: ImageFolder splits are sorted by class, so the first n images
+    would cover only a few classes."""
+    return np.linspace(0, length - 1, n).round().astype(int)
+
+
 @dataclass(frozen=True)
 class EvalTransform:
     """timm's eval transform (create_transform(is_training=False), center crop mode) for PIL images: resize the
@@ -84,11 +90,10 @@ class ValSet:
         return len(self.labels)
 
     def spread(self, n: int | None) -> ValSet:
-        """n images spread evenly over the split (all when n is None or larger): ImageFolder splits are sorted by
-        class, so the first n would cover only a few classes. The same indices as kd2deploy.data.spread_subset."""
+        """n images at spread_indices (all when n is None or larger), as kd2deploy.data.spread_subset picks."""
         if n is None or n >= len(self):
             return self
-        picked = np.linspace(0, len(self) - 1, n).round().astype(int)
+        picked = spread_indices(len(self), n)
         return ValSet([self.items[i] for i in picked], self.labels[picked], self.open, self.transform, self.source)
 
     def batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -58,19 +58,28 @@ class BackendUnavailable(UserError):
         self.records = records or []
 
 
-def host_timings(run: Callable[[np.ndarray], Any], batch: np.ndarray, iters: int, warmup: int,
-                 duration: float | None = None) -> list[float]:
-    """Wall-clock seconds per `run(batch)` after `warmup` untimed runs (allocations, kernel selection, caches):
-    `iters` runs, or with `duration`, as many as fit in that many seconds (at least `iters`)."""
-    for _ in range(warmup):
-        run(batch)
+def timed_runs(timed_call: Callable[[], float], iters: int, duration: float | None = None) -> list[float]:
+    """Seconds of each `timed_call()` (which times one inference itself: host clock or CUDA events): `iters`
+    calls, or with `duration`, as many as fit in that many seconds (at least `iters`)."""
     times: list[float] = []
     deadline = time.perf_counter() + (duration or 0.0)
     while len(times) < iters or time.perf_counter() < deadline:
+        times.append(timed_call())
+    return times
+
+
+def host_timings(run: Callable[[np.ndarray], Any], batch: np.ndarray, iters: int, warmup: int,
+                 duration: float | None = None) -> list[float]:
+    """Wall-clock seconds per `run(batch)` after `warmup` untimed runs (allocations, kernel selection, caches)."""
+    for _ in range(warmup):
+        run(batch)
+
+    def wall_clock() -> float:
         start = time.perf_counter()
         run(batch)
-        times.append(time.perf_counter() - start)
-    return times
+        return time.perf_counter() - start
+
+    return timed_runs(wall_clock, iters, duration)
 
 
 class Backend(ABC):

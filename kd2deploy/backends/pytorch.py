@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
-from .base import Backend, register_backend
+from .base import Backend, register_backend, timed_runs
 
 INSTALL_HINT = ('install the training stack (`pip install "kd2deploy[train]"`); export folders run without it on '
                 "ONNX Runtime, OpenVINO or TensorRT")
@@ -74,24 +74,22 @@ class PyTorchBackend(Backend):
     def time_batch(self, batch: np.ndarray, iters: int, warmup: int, duration: float | None = None) -> list[float]:
         if self.device != "cuda":
             return super().time_batch(batch, iters, warmup, duration)
-        import time
-
         import torch
 
         images = torch.from_numpy(batch).to(self.device)
         for _ in range(max(1, warmup)):
             self._forward(images)
         torch.cuda.synchronize()
-        times: list[float] = []
-        deadline = time.perf_counter() + (duration or 0.0)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        while len(times) < iters or time.perf_counter() < deadline:
+
+        def cuda_events() -> float:
             start.record()
             self._forward(images)
             end.record()
             end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        return times
+            return start.elapsed_time(end) / 1e3  # ms
+
+        return timed_runs(cuda_events, iters, duration)
 
     def device_memory_bytes(self) -> int | None:
         if self.device != "cuda":

@@ -14,7 +14,6 @@ import functools
 import importlib.util
 import shutil
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,15 @@ import numpy as np
 from ..checkpoint import atomic_write
 from ..errors import CheckFailed, UserError
 from ..machine import gpu_info
-from .base import INPUT_NAME, Backend, BackendUnavailable, ExportRequest, artifact_record, register_backend
+from .base import (
+    INPUT_NAME,
+    Backend,
+    BackendUnavailable,
+    ExportRequest,
+    artifact_record,
+    register_backend,
+    timed_runs,
+)
 from .ort import ONNX_FILE, quantize_qdq
 
 ENGINE_FILE = "model.engine"
@@ -343,15 +350,15 @@ class TensorRtBackend(Backend):
             events.append(start)
             end = _checked(cudart.cudaEventCreate(), "cudaEventCreate")
             events.append(end)
-            times: list[float] = []
-            deadline = time.perf_counter() + (duration or 0.0)
-            while len(times) < iters or time.perf_counter() < deadline:
+
+            def cuda_events() -> float:
                 _checked(cudart.cudaEventRecord(start, self.stream), "cudaEventRecord")
                 launch()
                 _checked(cudart.cudaEventRecord(end, self.stream), "cudaEventRecord")
                 _checked(cudart.cudaEventSynchronize(end), "cudaEventSynchronize")
-                times.append(_checked(cudart.cudaEventElapsedTime(start, end), "cudaEventElapsedTime") / 1e3)
-            return times
+                return _checked(cudart.cudaEventElapsedTime(start, end), "cudaEventElapsedTime") / 1e3  # ms
+
+            return timed_runs(cuda_events, iters, duration)
         finally:  # unchecked: cleanup must not hide the error that brought us here
             for event in events:
                 cudart.cudaEventDestroy(event)
