@@ -14,7 +14,6 @@ import shlex
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -37,7 +36,7 @@ from .backends import get_backend, list_backends
 from .backends.base import host_timings
 from .checkpoint import STUDENT, atomic_write, atomic_write_text, library_versions
 from .errors import CheckFailed, UserError
-from .machine import cpu_flags, cpu_model, gpu_info
+from .machine import busy_cores_elsewhere, cpu_flags, cpu_model, gpu_info
 from .targets import PRECISIONS
 from .valdata import LabelledImages, evaluate_runner
 
@@ -82,23 +81,6 @@ class _NullRunner:
 def harness_overhead_us(runs: int = 2000) -> float:
     """Median microseconds the timing loop adds per call (timer reads, list append, the call itself)."""
     return 1e6 * float(np.median(time_runner(_NullRunner(), np.zeros(1, np.float32), runs, 10)))
-
-
-def busy_cores_elsewhere(window_s: float = 0.5) -> float:
-    """Cores other processes kept busy over a short window: /proc/stat's busy time minus this process's own.
-    Unlike the load average, which decays over a minute, this reads the machine as the timing starts."""
-    def sample() -> tuple[float, float]:
-        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-        busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
-        own = os.times()
-        return busy, own.user + own.system
-    try:
-        busy0, own0 = sample()
-        time.sleep(window_s)
-        busy1, own1 = sample()
-    except (OSError, ValueError, IndexError):
-        return os.getloadavg()[0]  # not Linux: the load average is the best there is
-    return max(0.0, (busy1 - busy0) - (own1 - own0)) / window_s
 
 
 def machine_context(threads: int, iters: int, warmup: int, val_images: int | None, busy_before: float,

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from .errors import CheckFailed, UserError
+from .machine import sleep_idle_openmp_threads_when_busy
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distill edge-friendly students from recipes, export them (ONNX, INT8) and benchmark them.")
@@ -71,6 +72,7 @@ def train(
 
     Multi-GPU / multi-process: torchrun --nproc_per_node N -m kd2deploy train RECIPE
     """
+    sleep_idle_openmp_threads_when_busy()  # before torch is imported: OpenMP reads its policy once
     from .engine import train as run_training
     from .recipe import find_recipe, load_recipe
 
@@ -191,6 +193,7 @@ def quickstart(
 
     Runs on the bundled mini CIFAR-10 in 8 to 10 minutes on 2 CPU cores. Re-running continues where it stopped.
     """
+    sleep_idle_openmp_threads_when_busy()
     from .quickstart import run_quickstart
 
     run_quickstart(out, console=console, overrides=overrides or [])

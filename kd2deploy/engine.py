@@ -20,6 +20,8 @@ from timm.scheduler import create_scheduler_v2
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from . import resident
+from .acceleration import Acceleration
 from .checkpoint import RUN_FORMAT, STUDENT, STUDENT_FORMAT, atomic_save, atomic_write_text, load_checkpoint, provenance
 from .data import build_datasets, build_mixup, eval_loader, train_loader
 from .distill import Distiller, get_method_class
@@ -29,6 +31,7 @@ from .evaluate import evaluate
 from .models import create_model
 from .recipe import Recipe, check_files, distill_params
 from .teacher_cache import prepare_teacher_cache
+from .timing import PhaseClock
 
 LAST = "last.pt"
 METRICS = "metrics.csv"
@@ -72,15 +75,18 @@ class Trainer:
         seed_everything(recipe.optim.seed)  # identical initial weights on every rank
         self.train_set, self.val_set, self.info = build_datasets(recipe.data, recipe.optim.seed)
         self.distiller = self._build_distiller().to(self.env.device)
+        self.resident, data_note = resident.load(recipe.data, self.train_set.dataset, self.env.device)
+        self.acceleration = Acceleration.from_recipe(recipe.optim, self.env.device, {
+            "student": self.distiller.student, **{f"teacher {i}": t for i, t in enumerate(self.distiller.teachers)}})
+        self.acceleration.prepare("student", self.distiller.student)
+        for i, teacher in enumerate(self.distiller.teachers):
+            self.acceleration.prepare(f"teacher {i}", teacher)
         if recipe.teacher_cache.enabled:  # the student then trains on the stored views the outputs belong to
             self.train_set = prepare_teacher_cache(self.distiller, self.train_set, self.info, recipe, self.env,
-                                                   self.console)
+                                                   self.console, self.resident)
         self.batch_size = self._per_process_batch()
-        loader_args = dict(num_workers=recipe.data.num_workers, pin_memory=self.env.device.type == "cuda")
-        self.train_loader = train_loader(self.train_set, self.batch_size, seed=recipe.optim.seed, rank=self.env.rank,
-                                         world_size=self.env.world_size, **loader_args)
-        self.val_loader = eval_loader(self.val_set, self.batch_size, rank=self.env.rank,
-                                      world_size=self.env.world_size, **loader_args)
+        self.train_loader, self.val_loader = self._loaders()
+        self.acceleration.notes.append(data_note)
         if len(self.train_loader) == 0:
             raise UserError(f"optim.batch_size={recipe.optim.batch_size} is larger than the training set "
                             f"({len(self.train_set)} images), so an epoch has no full batch. Lower optim.batch_size.")
@@ -96,13 +102,15 @@ class Trainer:
             self.optimizer, sched=o.schedule, num_epochs=o.epochs, decay_epochs=o.decay_epochs,
             decay_milestones=o.decay_milestones, decay_rate=o.decay_rate, min_lr=o.min_lr, warmup_lr=o.warmup_lr,
             warmup_epochs=o.warmup_epochs, step_on_epochs=False, updates_per_epoch=len(self.train_loader))
-        use_amp = o.amp and self.env.device.type == "cuda"
-        self.amp_dtype = torch.float16 if o.amp_dtype == "float16" else torch.bfloat16
-        self.autocast = torch.autocast("cuda", dtype=self.amp_dtype) if use_amp else None
-        self.scaler = torch.amp.GradScaler("cuda", enabled=use_amp and self.amp_dtype == torch.float16)
+        self.autocast = self.acceleration.autocast()
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.acceleration.amp_dtype == torch.float16)
         if resume_state is not None:
             self._load_resume_state(resume_state)
+        if self.acceleration.compile:
+            self.distiller.student.compile()  # in place: state_dict keys, checkpoints and DDP stay as they are
         self.model = self._wrap_ddp()
+        self.clock = PhaseClock(self.env.device, self.distiller.teachers)
+        self.compile_s: float | None = None  # the first step's excess over the steady state, once measured
 
     # ----------------------------------------------------------------------------------------- setup
     def _build_distiller(self) -> Distiller:
@@ -114,6 +122,25 @@ class Trainer:
         cls = get_method_class(r.distill.method or "none")
         return cls(student, teachers, distill_params(r), n, label_smoothing=r.data.augment.label_smoothing,
                    mean=self.info.mean, std=self.info.std)
+
+    def _loaders(self) -> tuple[Any, Any]:
+        """Train and val loaders: loader processes, or batches built from resident images on the device."""
+        r, env, info = self.recipe, self.env, self.info
+        loader_args = dict(num_workers=r.data.num_workers, pin_memory=env.device.type == "cuda")
+        if self.resident is None:
+            train = train_loader(self.train_set, self.batch_size, seed=r.optim.seed, rank=env.rank,
+                                 world_size=env.world_size, **loader_args)
+        else:
+            train = resident.train_loader(self.resident, self.train_set, r.data, info.mean, info.std,
+                                          self.batch_size, r.optim.seed, env.rank, env.world_size)
+        val_raw = self.val_set.dataset
+        if self.resident is not None and resident.eval_is_normalise_only(r.data, np.asarray(val_raw[0][0]).shape[:2]):
+            with contextlib.suppress(resident.MixedSizes):  # then the loader path below
+                val_images = resident.ResidentImages.decode(val_raw, env.device, r.data.num_workers)
+                return train, resident.eval_loader(val_images, info.mean, info.std, self.batch_size, env.rank,
+                                                   env.world_size)
+        return train, eval_loader(self.val_set, self.batch_size, rank=env.rank, world_size=env.world_size,
+                                  **loader_args)
 
     def _per_process_batch(self) -> int:
         global_batch, world = self.recipe.optim.batch_size, self.env.world_size
@@ -182,7 +209,8 @@ class Trainer:
         try:
             for epoch in range(self.start_epoch, r.optim.epochs):
                 row = self._train_epoch(epoch)
-                val = evaluate(self.distiller.student, self.val_loader, self.env, self.autocast)
+                val = evaluate(self.distiller.student, self.val_loader, self.env, self.acceleration.eval_autocast(),
+                               self.acceleration.layout)
                 row.update({"val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
                             "val_images": val["count"]})
                 self.history.append(row)
@@ -208,13 +236,21 @@ class Trainer:
         if hasattr(self.train_set, "set_epoch"):  # stored-view datasets pick each image's view per epoch
             self.train_set.set_epoch(epoch)
         self.model.train()
+        threads_note = self.acceleration.set_threads()
+        if threads_note and self.env.is_main:
+            self.console.print(threads_note)
         # running sums stay on the device; reading them (a GPU sync) happens only every REFRESH steps
         sums: dict[str, torch.Tensor] = {}
         count, start = 0, time.perf_counter()
+        first_step_s = 0.0
+        self.clock.start_epoch()
         with self._progress() as progress:
             task = progress.add_task("train", total=len(self.train_loader), epoch=epoch + 1, stats="")
             for step, (images, targets, indices) in enumerate(self.train_loader, 1):
+                self.clock.start_step(step)
                 values = self._train_step(images, targets, indices)
+                if step == 1:
+                    first_step_s = time.perf_counter() - start
                 n = len(images)
                 for name, value in values.items():
                     sums[name] = sums.get(name, 0.0) + value.detach().float() * n
@@ -225,6 +261,7 @@ class Trainer:
                         f"loss {sums['loss'].item() / count:.3f}  acc {100 * sums['correct'].item() / count:.1f}%  "
                         f"{count * self.env.world_size / (time.perf_counter() - start):.0f} img/s"))
         self.scheduler.step(epoch + 1)
+        self.clock.lap("optimizer")
         elapsed = time.perf_counter() - start
         totals = all_reduce_sum({"count": count, **{k: v.item() for k, v in sums.items()}}, self.env)
         count = totals.pop("count")
@@ -232,6 +269,18 @@ class Trainer:
                "train_loss": totals.pop("loss") / count, "train_top1": 100 * totals.pop("correct") / count}
         row.update({f"loss_{k}": v / count for k, v in totals.items()})
         row.update({"train_images": int(count), "images_per_s": count / elapsed, "epoch_s": elapsed})
+        steps = len(self.train_loader)
+        if self.acceleration.compile and self.compile_s is None and steps > 1:
+            # the process's first step compiles: its excess over a steady-state step is the compile time
+            steady_step_s = (elapsed - first_step_s) / (steps - 1)
+            self.compile_s = max(0.0, first_step_s - steady_step_s)
+            row.update({"compile_s": self.compile_s, "steady_images_per_s": count / (steps * steady_step_s)})
+            if self.env.is_main:
+                self.console.print(f"compile: {self.compile_s:.1f} s in the first step; steady state "
+                                   f"{row['steady_images_per_s']:.0f} img/s")
+        row.update(self.clock.epoch_split(elapsed))
+        if self.env.device.type == "cpu":
+            row["threads"] = self.acceleration.threads
         return row
 
     def _train_step(self, images: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor
@@ -243,11 +292,14 @@ class Trainer:
         if self.mixup is not None:
             images, targets = self.mixup(images, targets)
             hard_targets = targets.argmax(dim=-1)
+        images = self.acceleration.layout(images)
+        self.clock.lap("data")
         self.distiller.progress = self.global_step / (self.recipe.optim.epochs * len(self.train_loader))
         with self.autocast or contextlib.nullcontext():
             output = self.model(images, targets, indices)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(output.loss).backward()
+        self.clock.lap("student")
         if self.recipe.optim.clip_grad is not None:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
@@ -257,6 +309,7 @@ class Trainer:
         self.global_step += 1
         self.scheduler.step_update(self.global_step)
         extra = self.distiller.on_step_end(self.global_step, output)
+        self.clock.lap("optimizer")
         correct = (output.logits.argmax(dim=-1) == hard_targets).float().mean()
         return {"loss": output.loss, "correct": correct, **output.terms,
                 **{k: torch.as_tensor(v) for k, v in extra.items()}}
@@ -280,6 +333,8 @@ class Trainer:
             f"{len(self.train_set)} train / {len(self.val_set)} val images ({self.info.dataset}), "
             f"{r.optim.epochs} epochs, global batch {r.optim.batch_size} over {self.env.world_size} process(es) "
             f"on {self.env.device}. Run folder: {self.run_dir}")
+        for note in self.acceleration.notes:
+            self.console.print(f"  {note}")
 
     def _log_epoch(self, row: dict[str, Any], writer: Any) -> None:
         self.console.print(

@@ -1,6 +1,8 @@
 """Top-1/top-5 evaluation of a PyTorch model on a loader of (image, target, index) batches."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -11,7 +13,8 @@ from .distributed import DistEnv, all_reduce_sum
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, env: DistEnv | None = None,
-             autocast: torch.autocast | None = None) -> dict[str, float]:
+             autocast: torch.autocast | None = None, layout: Callable[[torch.Tensor], torch.Tensor] | None = None
+             ) -> dict[str, float]:
     """Metrics over the whole split: each process evaluates its shard, sums are reduced over processes."""
     env = env or DistEnv()
     was_training = model.training
@@ -19,6 +22,8 @@ def evaluate(model: nn.Module, loader: DataLoader, env: DistEnv | None = None,
     sums = {"loss": 0.0, "correct1": 0.0, "correct5": 0.0, "count": 0.0}
     for images, targets, _ in loader:
         images, targets = images.to(env.device, non_blocking=True), targets.to(env.device, non_blocking=True)
+        if layout is not None:
+            images = layout(images)
         if autocast is not None:
             with autocast:
                 logits = model(images)

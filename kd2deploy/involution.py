@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from timm.layers import ConvNormAct
 from timm.models import build_model_with_cfg, register_model
 from timm.models.resnet import Bottleneck, ResNet
@@ -15,12 +17,116 @@ from torch import Tensor, nn
 
 from .models import CIFAR_CFG, cifar_stem
 
+# elements of one (images × channels × output pixels) chunk in the shift-and-accumulate kernel: a chunk's input,
+# output and kernels stay in the CPU's L2/L3 cache across the K² passes (measured best between 2^18 and 2^20)
+CHUNK_ELEMENTS = 1 << 19
+
+
+def unfold_involution(x: Tensor, kernel: Tensor, kernel_size: int, stride: int, groups: int) -> Tensor:
+    """Eq. 4 as written: unfold the K×K neighbourhoods, multiply by the kernels, sum over the window. This is the
+    form exported to ONNX and traced by torch.compile (Inductor fuses it into one loop); eager training uses
+    `involution`, which never materialises the (B, C, K², H, W) neighbourhoods."""
+    b, c = x.shape[:2]
+    _, _, h, w = kernel.shape
+    k2 = kernel_size * kernel_size
+    kernel = kernel.view(b, groups, 1, k2, h, w)  # shared by the channels of a group
+    patches = F.unfold(x, kernel_size, padding=(kernel_size - 1) // 2, stride=stride)
+    return (kernel * patches.view(b, groups, c // groups, k2, h, w)).sum(dim=3).view(b, c, h, w)
+
+
+def _window_offsets(kernel_size: int, stride: int, h: int, w: int, spatial_dim: int):
+    """(k, index) for each window position k = u·K + v: the slice of the padded input (spatial dims starting at
+    `spatial_dim`) that lines up with the output."""
+    lead = (slice(None),) * spatial_dim
+    for u in range(kernel_size):
+        for v in range(kernel_size):
+            yield u * kernel_size + v, (*lead, slice(u, u + stride * (h - 1) + 1, stride),
+                                        slice(v, v + stride * (w - 1) + 1, stride))
+
+
+class _ShiftInvolution(torch.autograd.Function):
+    """Eq. 4 as K² shifted multiply-accumulates over cache-sized batch chunks, with the matching hand-written
+    backward: dX_pad[shift k] += dY·H_k and dH_k = Σ_(c∈group) dY·X_pad[shift k]. Same sums as `unfold_involution`
+    in another order (float tolerance), several times faster on CPU and without its K²-fold memory.
+
+    Works in the input's memory layout: NCHW as (B, G, C/G, H, W) with kernels (B, G, K², 1, H, W), channels-last
+    as (B, H, W, G, C/G) with kernels (B, H, W, G, K²), so the K² window is always the kernels' dim 2 or -1."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, kernel: Tensor, kernel_size: int, stride: int, groups: int) -> Tensor:
+        dtype = torch.promote_types(x.dtype, kernel.dtype)  # bf16 kernels meet fp32 inputs under autocast
+        b, c, height, width = x.shape
+        _, _, h, w = kernel.shape
+        pad = (kernel_size - 1) // 2
+        channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and c > 1
+        if channels_last:
+            x_pad = F.pad(x.to(dtype).permute(0, 2, 3, 1), (0, 0, pad, pad, pad, pad)).view(
+                b, height + 2 * pad, width + 2 * pad, groups, c // groups)
+            kernels = kernel.to(dtype).permute(0, 2, 3, 1).reshape(b, h, w, groups, kernel_size * kernel_size)
+            out = x_pad.new_zeros(b, h, w, groups, c // groups)
+        else:
+            x_pad = F.pad(x.to(dtype).contiguous(), (pad, pad, pad, pad)).view(
+                b, groups, c // groups, height + 2 * pad, width + 2 * pad)
+            kernels = kernel.to(dtype).reshape(b, groups, kernel_size * kernel_size, 1, h, w)
+            out = x_pad.new_zeros(b, groups, c // groups, h, w)
+        step = max(1, CHUNK_ELEMENTS // (c * h * w))
+        for i in range(0, b, step):
+            out_i, x_i, kernels_i = out[i:i + step], x_pad[i:i + step], kernels[i:i + step]
+            for k, window in _window_offsets(kernel_size, stride, h, w, 1 if channels_last else 3):
+                out_i.addcmul_(x_i[window], kernels_i[..., k:k + 1] if channels_last else kernels_i[:, :, k])
+        ctx.save_for_backward(x_pad, kernels)
+        ctx.config = (kernel_size, stride, channels_last, x.shape, x.dtype, kernel.dtype)
+        if channels_last:
+            return out.view(b, h, w, c).permute(0, 3, 1, 2)
+        return out.view(b, c, h, w)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x_pad, kernels = ctx.saved_tensors
+        kernel_size, stride, channels_last, (b, c, height, width), x_dtype, kernel_dtype = ctx.config
+        h, w = grad.shape[-2:]
+        pad = (kernel_size - 1) // 2
+        if channels_last:
+            groups = kernels.shape[3]
+            grad = grad.to(x_pad.dtype).permute(0, 2, 3, 1).contiguous().view(b, h, w, groups, c // groups)
+        else:
+            groups = kernels.shape[1]
+            grad = grad.to(x_pad.dtype).contiguous().view(b, groups, c // groups, h, w)
+        grad_x_pad = torch.zeros_like(x_pad)
+        grad_kernels = torch.empty_like(kernels)
+        step = max(1, CHUNK_ELEMENTS // (c * h * w))
+        for i in range(0, b, step):
+            g_i, gx_i, x_i = grad[i:i + step], grad_x_pad[i:i + step], x_pad[i:i + step]
+            kernels_i, gk_i = kernels[i:i + step], grad_kernels[i:i + step]
+            for k, window in _window_offsets(kernel_size, stride, h, w, 1 if channels_last else 3):
+                if channels_last:  # the group's channels are the last dim
+                    gx_i[window].addcmul_(g_i, kernels_i[..., k:k + 1])
+                    torch.sum(g_i * x_i[window], dim=-1, keepdim=True, out=gk_i[..., k:k + 1])
+                else:
+                    gx_i[window].addcmul_(g_i, kernels_i[:, :, k])
+                    torch.sum(g_i * x_i[window], dim=2, keepdim=True, out=gk_i[:, :, k])
+        if channels_last:
+            grad_x = grad_x_pad.view(b, height + 2 * pad, width + 2 * pad, c)[:, pad:pad + height, pad:pad + width]
+            grad_x = grad_x.permute(0, 3, 1, 2)
+            grad_kernel = grad_kernels.view(b, h, w, -1).permute(0, 3, 1, 2)
+        else:
+            grad_x = grad_x_pad.view(b, c, height + 2 * pad, width + 2 * pad)[:, :, pad:pad + height, pad:pad + width]
+            grad_kernel = grad_kernels.view(b, -1, h, w)
+        return grad_x.to(x_dtype), grad_kernel.to(kernel_dtype), None, None, None
+
+
+def involution(x: Tensor, kernel: Tensor, kernel_size: int, stride: int, groups: int) -> Tensor:
+    """Y = Σ_k H_k · X[shift k] (Eq. 4) for kernels (B, G·K², H', W'); the unfold form when exporting or compiling."""
+    if torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return unfold_involution(x, kernel, kernel_size, stride, groups)
+    return _ShiftInvolution.apply(x, kernel, kernel_size, stride, groups)
+
 
 class Involution2d(nn.Module):
     """Y[i,j,c] = Σ_(u,v)∈Δ_K H[i,j,u,v,g(c)] · X[i+u,j+v,c] (Eq. 4), with the kernel generated from the pixel
     itself, H[i,j] = W1 σ(W0 X[i,j]) (Eq. 6): a channel reduction by `reduction` (1x1 conv, BN, ReLU) and a span
     to K·K weights per group of `group_channels` channels. Strided involutions average-pool before generating
-    kernels, as the paper does. Applied with unfold, so it exports to ONNX."""
+    kernels, as the paper does. Trained with a shift-and-accumulate kernel (`involution`), exported with unfold."""
 
     def __init__(self, channels: int, kernel_size: int = 7, stride: int = 1, group_channels: int = 16,
                  reduction: int = 4):
@@ -34,15 +140,10 @@ class Involution2d(nn.Module):
         self.pool = nn.AvgPool2d(stride, stride) if stride > 1 else nn.Identity()
         self.reduce = ConvNormAct(channels, max(1, channels // reduction), 1)
         self.span = nn.Conv2d(max(1, channels // reduction), kernel_size * kernel_size * self.groups, 1)
-        self.unfold = nn.Unfold(kernel_size, padding=(kernel_size - 1) // 2, stride=stride)
 
     def forward(self, x: Tensor) -> Tensor:
         kernel = self.span(self.reduce(self.pool(x)))  # (B, K²·G, H', W')
-        b, _, h, w = kernel.shape
-        k2 = self.kernel_size * self.kernel_size
-        kernel = kernel.view(b, self.groups, 1, k2, h, w)  # shared by the channels of a group
-        patches = self.unfold(x).view(b, self.groups, self.channels // self.groups, k2, h, w)
-        return (kernel * patches).sum(dim=3).view(b, self.channels, h, w)
+        return involution(x, kernel, self.kernel_size, self.stride, self.groups)
 
 
 class InvolutionBottleneck(Bottleneck):

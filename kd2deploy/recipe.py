@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -59,6 +59,11 @@ class DataConfig(Section):
     crop_pct: float = Field(1.0, gt=0, le=1)
     train_subset: int | None = Field(None, ge=1, description="train on a seeded random subset of this many images")
     num_workers: int = Field(2, ge=0)
+    on_device: bool | Literal["auto"] = Field(
+        "auto", description="keep the decoded training set on the training device and augment it there in batches "
+                            "(no loader processes); auto: when it fits on_device_limit_mb and the augmentation is "
+                            "crop/flip only")
+    on_device_limit_mb: int = Field(4096, ge=1, description="largest decoded (uint8) training set kept on the device")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
 
@@ -83,8 +88,15 @@ class OptimConfig(Section):
     decay_rate: float = Field(0.1, gt=0)
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(128, ge=1, description="global batch, split evenly over torchrun processes")
-    amp: bool = Field(False, description="mixed precision on CUDA; ignored on CPU")
-    amp_dtype: Literal["float16", "bfloat16"] = "float16"
+    amp: bool | Literal["auto"] = Field(
+        False, description="mixed precision: amp_dtype autocast on CUDA, bfloat16 on CPUs with native bf16 "
+                           "(AVX512-BF16/AMX); auto: on wherever the hardware supports it")
+    amp_dtype: Literal["float16", "bfloat16"] = Field("float16", description="the autocast dtype on CUDA")
+    channels_last: bool | Literal["auto"] = Field(
+        "auto", description="NHWC memory layout for the models; auto: for convolutional ones")
+    compile: bool = Field(False, description="torch.compile the student (compile time reported apart)")
+    threads: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="CPU intra-op threads; auto: the usable cores other processes leave free, per epoch")
     clip_grad: float | None = Field(None, gt=0)
     seed: int = 0
 

@@ -41,6 +41,8 @@ from .data import DataInfo, SampleDataset, eval_transform
 from .distributed import DistEnv, barrier
 from .errors import UserError
 from .recipe import Recipe
+from .resident import RENDERER as RESIDENT_RENDERER
+from .resident import ResidentImages, normalise, render
 
 FORMAT = 1
 DEFAULT_DIR = Path(os.environ.get("KD2DEPLOY_CACHE", Path.home() / ".cache" / "kd2deploy")) / "teacher_outputs"
@@ -61,14 +63,15 @@ class ViewSpec:
     hflip: float
     views: int
     seed: int
+    renderer: str = "pil"  # "pil": timm/torchvision on PIL images; resident.RENDERER: batched on the device
 
     @classmethod
-    def from_recipe(cls, recipe: Recipe, info: DataInfo) -> ViewSpec:
+    def from_recipe(cls, recipe: Recipe, info: DataInfo, renderer: str = "pil") -> ViewSpec:
         aug = recipe.data.augment
         return cls(img_size=info.img_size, interpolation=info.interpolation, mean=tuple(info.mean),
                    std=tuple(info.std), crop_pct=info.crop_pct, augment=aug.enabled, scale=tuple(aug.scale),
                    ratio=tuple(aug.ratio), hflip=aug.hflip, views=recipe.teacher_cache.views if aug.enabled else 1,
-                   seed=recipe.optim.seed)
+                   seed=recipe.optim.seed, renderer=renderer)
 
     def draw(self, image: Any, image_index: int, view_index: int) -> np.ndarray:
         """(top, left, height, width, flip) of one view, from a generator seeded by (seed, image, view)."""
@@ -137,6 +140,12 @@ class StoredViewDataset(Dataset):
         image, target = self.images[index]
         k = self.view_of(index)
         return self.spec.render(image, self.params[index, k]), target, index * self.spec.views + k
+
+    def view_params(self, indices: Tensor) -> tuple[Tensor, Tensor]:
+        """The epoch's stored view of each image: its parameters (n, 5) and view ids (the resident path's batches)."""
+        index = indices.numpy()
+        k = (self.epoch + self.offsets[index]) % self.spec.views
+        return torch.from_numpy(self.params[index, k]), torch.from_numpy(index * self.spec.views + k)
 
 
 class TeacherCache:
@@ -220,9 +229,10 @@ def _valid(folder: Path, key: str) -> bool:
 
 
 def prepare_teacher_cache(distiller: Any, train_set: SampleDataset, info: DataInfo, recipe: Recipe, env: DistEnv,
-                          console: Console) -> StoredViewDataset:
+                          console: Console, resident: ResidentImages | None = None) -> StoredViewDataset:
     """Open (or build) the cache of every teacher, attach it to the distiller and return the training dataset
-    that renders the stored views. Raises UserError for setups the cache cannot serve correctly."""
+    that renders the stored views. With `resident` images, the views are rendered by the resident path's renderer
+    when building, as they will be in training. Raises UserError for setups the cache cannot serve correctly."""
     check_cacheable(distiller, recipe)
     cfg = recipe.teacher_cache
     root = Path(cfg.dir) if cfg.dir is not None else DEFAULT_DIR
@@ -232,7 +242,7 @@ def prepare_teacher_cache(distiller: Any, train_set: SampleDataset, info: DataIn
         raise UserError(f"Cannot create the teacher-output cache folder {root} (teacher_cache.dir): {exc}. Point "
                         "`teacher_cache.dir` at a writable folder.") from None
     images = train_set.dataset
-    spec = ViewSpec.from_recipe(recipe, info)
+    spec = ViewSpec.from_recipe(recipe, info, renderer="pil" if resident is None else RESIDENT_RENDERER)
     data = dataset_digest(images)
     signature = distiller.teacher_output_signature()
     folders, keys, fields = [], [], []
@@ -245,7 +255,8 @@ def prepare_teacher_cache(distiller: Any, train_set: SampleDataset, info: DataIn
         fields.append(key_fields)
     missing = [t for t, (folder, key) in enumerate(zip(folders, keys, strict=True)) if not _valid(folder, key)]
     if missing:
-        _build(distiller, images, spec, missing, folders, keys, fields, cfg, recipe.data.num_workers, env, console)
+        _build(distiller, images, spec, missing, folders, keys, fields, cfg, recipe.data.num_workers, env, console,
+               resident)
     statuses = ["built" if t in missing else "hit" for t in range(len(folders))]
     views = [np.load(folder / "views.npy") for folder in folders]
     if any(not np.array_equal(views[0], v) for v in views[1:]):  # never pair outputs with another view
@@ -280,7 +291,7 @@ def check_cacheable(distiller: Any, recipe: Recipe) -> None:
 
 def _build(distiller: Any, images: Dataset, spec: ViewSpec, missing: list[int], folders: list[Path],
            keys: list[str], fields: list[dict[str, Any]], cfg: Any, num_workers: int, env: DistEnv,
-           console: Console) -> None:
+           console: Console, resident: ResidentImages | None = None) -> None:
     """Compute the missing teachers' outputs over every stored view, each rank a strided share of the images."""
     n, k = len(images), spec.views
     partials = [folders[t].with_name(folders[t].name + ".partial") for t in missing]
@@ -298,7 +309,10 @@ def _build(distiller: Any, images: Dataset, spec: ViewSpec, missing: list[int], 
               for t, partial in zip(missing, partials, strict=True)}
     share = list(range(env.rank, n, env.world_size))
     per_batch = max(1, cfg.batch_size // k)
-    loader = DataLoader(_AllViews(images, spec, share), batch_size=per_batch, num_workers=num_workers)
+    if resident is None:
+        loader = DataLoader(_AllViews(images, spec, share), batch_size=per_batch, num_workers=num_workers)
+    else:
+        loader = _ResidentViews(resident, spec, share, per_batch)
     start = time.perf_counter()
     with Progress(TextColumn("teacher cache"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TimeRemainingColumn(), console=console, disable=not env.is_main) as progress:
@@ -325,6 +339,31 @@ def _build(distiller: Any, images: Dataset, spec: ViewSpec, missing: list[int], 
             partial.rename(folders[t])
         console.print(f"Computed teacher outputs for {n} images x {k} views in {seconds:.1f} s")
     barrier(env)
+
+
+class _ResidentViews:
+    """The build pass over resident images: batches of (views (B, K, 3, H, W), parameters (B, K, 5), indices), drawn
+    like `_AllViews` and rendered by the resident renderer."""
+
+    def __init__(self, resident: ResidentImages, spec: ViewSpec, indices: list[int], per_batch: int):
+        self.resident, self.spec, self.indices, self.per_batch = resident, spec, indices, per_batch
+
+    def __len__(self) -> int:
+        return -(-len(self.indices) // self.per_batch)
+
+    def __iter__(self):
+        k = self.spec.views
+        for start in range(0, len(self.indices), self.per_batch):
+            index = torch.tensor(self.indices[start:start + self.per_batch])
+            pixels = self.resident.pixels[index.to(self.resident.pixels.device)]
+            params = torch.from_numpy(np.stack([[self.spec.draw(pixels[b], int(i), v) for v in range(k)]
+                                                for b, i in enumerate(index.tolist())]))
+            repeated = pixels.repeat_interleave(k, dim=0)
+            if self.spec.augment:
+                views = render(repeated, params.flatten(0, 1), self.spec.img_size, self.spec.mean, self.spec.std)
+            else:
+                views = normalise(repeated, self.spec.mean, self.spec.std)
+            yield views.unflatten(0, (len(index), k)), params, index
 
 
 def _create_arrays(folder: Path, shapes: dict[str, tuple[int, ...]], n: int, k: int, topk: int) -> None:

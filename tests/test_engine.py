@@ -51,20 +51,27 @@ def test_kd_run_writes_a_student_only_checkpoint(tmp_path):
     assert [r["epoch"] for r in _rows(tmp_path / "kd")] == ["1", "2"]
 
 
-def _resume_recipe(run_dir: Path) -> dict:
-    # augmentation, mixup, dropout and 2 loader workers: every source of randomness a resume must replay
+def _resume_recipe(run_dir: Path, on_device: bool) -> dict:
+    # augmentation, mixup, dropout and 2 loader workers (or batches built from resident images): every source of
+    # randomness a resume must replay
     return tiny_recipe(run_dir, teacher={"name": "test_resnet"}, student={"name": "test_resnet",
                        "kwargs": {"drop_rate": 0.2}},
-                       data={"train_subset": 1536, "num_workers": 2, "augment": {"mixup": 0.2, "scale": [0.5, 1]}},
-                       optim={"epochs": 3, "batch_size": 32, "lr": 0.05, "warmup_epochs": 1})
+                       data={"train_subset": 1536, "num_workers": 2, "on_device": on_device,
+                             "augment": {"mixup": 0.2, "scale": [0.5, 1],  # colour jitter: the loader path's
+                                         "color_jitter": None if on_device else 0.4}},
+                       optim={"epochs": 3, "batch_size": 32, "lr": 0.05, "warmup_epochs": 1,
+                              # bf16 autocast where the CPU has it, channels-last; a fixed thread count, since
+                              # float summation order depends on it (`auto` would follow the machine's load)
+                              "amp": "auto", "channels_last": True, "threads": torch.get_num_threads()})
 
 
-def test_killed_run_resumes_to_the_same_weights(tmp_path):
+@pytest.mark.parametrize("on_device", [False, True], ids=["loader", "resident"])
+def test_killed_run_resumes_to_the_same_weights(tmp_path, on_device):
     reference = tmp_path / "reference"
-    train(load_recipe(write_recipe(tmp_path / "ref.yaml", _resume_recipe(reference))))
+    train(load_recipe(write_recipe(tmp_path / "ref.yaml", _resume_recipe(reference, on_device))))
 
     killed = tmp_path / "killed"
-    path = write_recipe(tmp_path / "killed.yaml", _resume_recipe(killed))
+    path = write_recipe(tmp_path / "killed.yaml", _resume_recipe(killed, on_device))
     # the same intra-op thread count as this process: float summation order depends on it
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.Popen([sys.executable, "-m", "kd2deploy", "train", str(path)], stdout=subprocess.DEVNULL,

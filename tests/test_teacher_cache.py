@@ -22,7 +22,8 @@ STUDENT = {"name": "libkd_nano_patch4_32", "kwargs": {"depth": 1}}
 
 def cached_recipe(tmp_path, teachers=None, **sections):
     recipe = tiny_recipe(tmp_path / "run", teachers=teachers or [TEACHER], student=STUDENT,
-                         distill={"method": "libkd"}, data={"train_subset": 48, "augment": {"color_jitter": None}},
+                         distill={"method": "libkd"},  # the loader path's PIL views (test_speed: resident ones)
+                         data={"train_subset": 48, "on_device": False, "augment": {"color_jitter": None}},
                          optim={"batch_size": 16},
                          teacher_cache={"enabled": True, "views": 3, "dir": str(tmp_path / "cache")})
     for key, value in sections.items():
