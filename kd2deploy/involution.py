@@ -54,7 +54,8 @@ class _ShiftInvolution(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, kernel: Tensor, kernel_size: int, stride: int, groups: int) -> Tensor:
-        dtype = torch.promote_types(x.dtype, kernel.dtype)  # bf16 kernels meet fp32 inputs under autocast
+        out_dtype = torch.promote_types(x.dtype, kernel.dtype)  # what the unfold form returns under autocast
+        dtype = torch.float32 if x.device.type == "cpu" else out_dtype  # CPUs add and multiply bf16 via fp32 anyway
         b, c, height, width = x.shape
         _, _, h, w = kernel.shape
         pad = (kernel_size - 1) // 2
@@ -77,8 +78,8 @@ class _ShiftInvolution(torch.autograd.Function):
         ctx.save_for_backward(x_pad, kernels)
         ctx.config = (kernel_size, stride, channels_last, x.shape, x.dtype, kernel.dtype)
         if channels_last:
-            return out.view(b, h, w, c).permute(0, 3, 1, 2)
-        return out.view(b, c, h, w)
+            return out.view(b, h, w, c).permute(0, 3, 1, 2).to(out_dtype)
+        return out.view(b, c, h, w).to(out_dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
