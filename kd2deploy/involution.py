@@ -55,7 +55,9 @@ class _ShiftInvolution(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, kernel: Tensor, kernel_size: int, stride: int, groups: int) -> Tensor:
         out_dtype = torch.promote_types(x.dtype, kernel.dtype)  # what the unfold form returns under autocast
-        dtype = torch.float32 if x.device.type == "cpu" else out_dtype  # CPUs add and multiply bf16 via fp32 anyway
+        # CPUs do bf16/fp16 element-wise arithmetic through fp32 anyway: compute there, round once at the end
+        reduced = out_dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu"
+        dtype = torch.float32 if reduced else out_dtype
         b, c, height, width = x.shape
         _, _, h, w = kernel.shape
         pad = (kernel_size - 1) // 2
