@@ -7,6 +7,7 @@ the machine is, and `Acceleration.notes` says in the run log what was chosen and
   multiplies bf16 natively (AVX512-BF16 or AMX-BF16 in /proc/cpuinfo); elsewhere bf16 is emulated and slower than
   FP32, so `amp: auto` stays FP32 there and `amp: true` says why it does too. Teachers run inside the same autocast
   region, under no_grad and in eval mode. Validation runs in FP32 on a CPU (what an exported FP32 artifact scores).
+  Attention uses PyTorch's math kernel under CPU bf16 (the fused kernel's bf16 backward is slow there).
 - **Memory layout.** Channels-last (NHWC) for convolutional models (more than two 2-D convolutions, so not a ViT's
   single patch embedding): oneDNN's and cuDNN's convolutions run faster in it.
 - **Compilation.** `torch.compile` of the student in place (`nn.Module.compile`, so its state_dict keys do not
@@ -20,6 +21,7 @@ the machine is, and `Acceleration.notes` says in the run log what was chosen and
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import platform
@@ -28,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .machine import BF16_FLAGS, busy_cores_elsewhere, cpu_flags, usable_cores
 
@@ -120,6 +123,18 @@ class Acceleration:
         if self.amp_dtype is None:
             return None
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def forward_context(self) -> contextlib.ExitStack:
+        """The training forward's context: autocast, and on a CPU in bf16 PyTorch's math attention kernel (the fused
+        CPU kernel's bf16 backward measured 2.4x slower than the rest of a ViT-nano step; the math kernel's matmuls
+        run bf16 natively)."""
+        stack = contextlib.ExitStack()
+        autocast = self.autocast()
+        if autocast is not None:
+            stack.enter_context(autocast)
+            if self.device.type == "cpu":
+                stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        return stack
 
     def eval_autocast(self) -> torch.autocast | None:
         """Validation: FP32 on a CPU (what the exported FP32 artifact scores), the training autocast on CUDA."""

@@ -102,7 +102,6 @@ class Trainer:
             self.optimizer, sched=o.schedule, num_epochs=o.epochs, decay_epochs=o.decay_epochs,
             decay_milestones=o.decay_milestones, decay_rate=o.decay_rate, min_lr=o.min_lr, warmup_lr=o.warmup_lr,
             warmup_epochs=o.warmup_epochs, step_on_epochs=False, updates_per_epoch=len(self.train_loader))
-        self.autocast = self.acceleration.autocast()
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.acceleration.amp_dtype == torch.float16)
         if resume_state is not None:
             self._load_resume_state(resume_state)
@@ -295,7 +294,7 @@ class Trainer:
         images = self.acceleration.layout(images)
         self.clock.lap("data")
         self.distiller.progress = self.global_step / (self.recipe.optim.epochs * len(self.train_loader))
-        with self.autocast or contextlib.nullcontext():
+        with self.acceleration.forward_context():
             output = self.model(images, targets, indices)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(output.loss).backward()

@@ -50,11 +50,11 @@ def test_the_engine_trains_in_the_chosen_precision_and_says_why(tmp_path, monkey
     monkeypatch.setattr(acceleration, "cpu_flags", lambda: ["avx512_bf16"])
     recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path / "run", optim={"amp": "auto"})))
     trainer = Trainer(recipe, console=quiet())
-    assert trainer.autocast is not None and trainer.autocast.fast_dtype == torch.bfloat16
+    assert trainer.acceleration.autocast().fast_dtype == torch.bfloat16
     assert any("bfloat16 autocast on the CPU: the CPU has avx512_bf16" in n for n in trainer.acceleration.notes)
     assert trainer.acceleration.eval_autocast() is None  # validation scores FP32, like the exported artifact
     images, targets, indices = next(iter(trainer.train_loader))
-    with trainer.autocast:
+    with trainer.acceleration.forward_context():
         output = trainer.model(trainer.acceleration.layout(images), targets, indices)
     assert output.logits.dtype == torch.bfloat16 and output.loss.dtype == torch.float32
 
