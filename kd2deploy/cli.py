@@ -191,7 +191,7 @@ def quickstart(
 ) -> None:
     """Train a CNN teacher, distill a student with KD (plus a no-teacher baseline), export FP32+INT8, bench.
 
-    Runs on the bundled mini CIFAR-10 in 8 to 10 minutes on 2 CPU cores. Re-running continues where it stopped.
+    Runs on the bundled mini CIFAR-10 in about 5 minutes on 2 CPU cores. Re-running continues where it stopped.
     """
     sleep_idle_openmp_threads_when_busy()
     from .quickstart import run_quickstart
