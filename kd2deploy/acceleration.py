@@ -81,11 +81,14 @@ def is_convolutional(model: nn.Module) -> bool:
 
 
 def free_threads(setting: int | str, window_s: float) -> tuple[int, float]:
-    """(intra-op threads, cores busy elsewhere): the usable cores others leave free, at least 1, for `auto`."""
+    """(intra-op threads, cores busy elsewhere): for `auto`, the usable cores others leave free, shared by this
+    machine's torchrun processes (which read the machine at the same moment, so they do not see each other), at
+    least 1."""
     if setting != "auto":
         return int(setting), 0.0
     busy = busy_cores_elsewhere(window_s)
-    return max(1, round(usable_cores() - busy)), busy
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, round((usable_cores() - busy) / local_processes)), busy
 
 
 @dataclass
@@ -102,9 +105,14 @@ class Acceleration:
 
     @classmethod
     def from_recipe(cls, optim: Any, device: torch.device, models: dict[str, nn.Module]) -> Acceleration:
+        """The choices for `optim` on `device`; `models` (by name: "student", "teacher 0", ...) are converted to
+        the chosen memory layout in place."""
         dtype, amp_note = resolve_amp(optim.amp, optim.amp_dtype, device)
         layout = {name: (is_convolutional(m) if optim.channels_last == "auto" else bool(optim.channels_last))
                   for name, m in models.items()}
+        for name, model in models.items():
+            if layout[name]:
+                model.to(memory_format=torch.channels_last)
         acc = cls(device, dtype, layout, bool(optim.compile), optim.threads)
         acc.notes.append(f"precision: {amp_note}")
         chosen = [name for name, on in layout.items() if on]
@@ -139,12 +147,6 @@ class Acceleration:
     def eval_autocast(self) -> torch.autocast | None:
         """Validation: FP32 on a CPU (what the exported FP32 artifact scores), the training autocast on CUDA."""
         return self.autocast() if self.device.type == "cuda" else None
-
-    def prepare(self, name: str, model: nn.Module) -> nn.Module:
-        """`model` in the chosen memory layout (in place)."""
-        if self.channels_last.get(name):
-            model.to(memory_format=torch.channels_last)
-        return model
 
     def layout(self, images: torch.Tensor) -> torch.Tensor:
         """A batch in the layout of the student's first layer."""

@@ -78,9 +78,6 @@ class Trainer:
         self.resident, data_note = resident.load(recipe.data, self.train_set.dataset, self.env.device)
         self.acceleration = Acceleration.from_recipe(recipe.optim, self.env.device, {
             "student": self.distiller.student, **{f"teacher {i}": t for i, t in enumerate(self.distiller.teachers)}})
-        self.acceleration.prepare("student", self.distiller.student)
-        for i, teacher in enumerate(self.distiller.teachers):
-            self.acceleration.prepare(f"teacher {i}", teacher)
         if recipe.teacher_cache.enabled:  # the student then trains on the stored views the outputs belong to
             self.train_set = prepare_teacher_cache(self.distiller, self.train_set, self.info, recipe, self.env,
                                                    self.console, self.resident)

@@ -236,3 +236,5 @@ def test_threads_follow_the_free_cores(monkeypatch):
     monkeypatch.setattr(acceleration, "busy_cores_elsewhere", lambda window_s: 0.1)
     assert acceleration.free_threads("auto", 0.01) == (2, 0.1)
     assert acceleration.free_threads(3, 0.01) == (3, 0.0)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two torchrun processes on this machine share the free cores
+    assert acceleration.free_threads("auto", 0.01) == (1, 0.1)
