@@ -238,3 +238,28 @@ def test_threads_follow_the_free_cores(monkeypatch):
     assert acceleration.free_threads(3, 0.01) == (3, 0.0)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two torchrun processes on this machine share the free cores
     assert acceleration.free_threads("auto", 0.01) == (1, 0.1)
+
+
+def test_sampled_phase_timing_splits_the_epoch_in_the_sampled_proportions():
+    """CUDA's mode (kernels run asynchronously): only every CUDA_SAMPLE-th step synchronises and is timed."""
+    import time
+
+    from kd2deploy.timing import CUDA_SAMPLE, PhaseClock
+
+    teacher = torch.nn.Sequential(torch.nn.Identity())
+    clock = PhaseClock(CPU, torch.nn.ModuleList([teacher]))
+    syncs = []
+    clock.sync = lambda: syncs.append(1)  # stands in for torch.cuda.synchronize
+    clock.start_epoch()
+    for step in range(1, 2 * CUDA_SAMPLE + 1):
+        clock.start_step(step)
+        time.sleep(0.002)
+        teacher(torch.zeros(1))  # the hooks time it
+        time.sleep(0.004)
+        clock.lap("student")
+        time.sleep(0.002)
+        clock.lap("optimizer")
+    assert len(syncs) == 2 * 5  # two sampled steps, five synchronised clock reads each
+    split = clock.epoch_split(10.0)
+    assert sum(split.values()) == pytest.approx(10.0)
+    assert split["time_student_s"] > split["time_optimizer_s"] > split["time_teacher_s"]
