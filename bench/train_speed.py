@@ -148,7 +148,7 @@ def run_bare(data_root: Path, images: int) -> dict:
 
 
 REDNET_STEPS = r'''
-import ctypes, json, sys, time, torch, timm
+import json, sys, time, torch, timm
 mode, width, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
 import kd2deploy.models
 from kd2deploy import involution, acceleration

@@ -16,7 +16,7 @@ from .backends import Backend, get_backend
 from .checkpoint import STUDENT, STUDENT_FORMAT, sha256
 from .errors import UserError
 from .recipe import DataConfig
-from .valdata import EvalTransform, LabelledImages, evaluate_runner, image_folder, recorded_val_set
+from .valdata import EvalTransform, LabelledImages, evaluate_runner, image_folder, is_held_out_split, recorded_val_set
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "kd2deploy.manifest/1"
@@ -68,8 +68,23 @@ def manifest_val_set(manifest: dict[str, Any], folder: Path, samples: int | None
     if val_dir is not None:
         return image_folder(val_dir, manifest["class_names"], transform, "--val").spread(samples)
     data = data_config(manifest["data"], folder / MANIFEST).model_dump()
-    return recorded_val_set(data, manifest["split_seed"], manifest["class_names"], transform, samples,
-                            str(folder / MANIFEST))
+    return run_val_set(data, manifest["split_seed"], manifest["class_names"], transform, samples,
+                       str(folder / MANIFEST))
+
+
+def run_val_set(data: dict[str, Any], seed: int, class_names: list[str], transform: EvalTransform,
+                samples: int | None, where: str) -> LabelledImages:
+    """The val split of the run a model comes from: read with numpy and Pillow, or, for a split held out of the
+    training folder by torch's generator (data.val_fraction), rebuilt by the training stack."""
+    if not is_held_out_split(data):
+        return recorded_val_set(data, seed, class_names, transform, samples, where)
+    try:
+        from .data import HeldOutValSplit
+    except ImportError:
+        raise UserError("The run held out data.val_fraction of its training folder as val split, which only the "
+                        "training stack rebuilds. Give --val DIR (a folder with one sub-folder per class), or "
+                        "install kd2deploy[train].") from None
+    return HeldOutValSplit(data, seed, samples)
 
 
 # ----------------------------------------------------------------------------------------- manifests
@@ -190,8 +205,8 @@ def _resolve_target(target: Path, samples: int | None, val_dir: Path | None
         images = image_folder(val_dir, info["class_names"], transform, "--val").spread(samples)
     else:
         recipe = checkpoint["recipe"]
-        images = recorded_val_set(data_config(recipe["data"], student).model_dump(), recipe["optim"]["seed"],
-                                  info["class_names"], transform, samples, str(student))
+        images = run_val_set(data_config(recipe["data"], student).model_dump(), recipe["optim"]["seed"],
+                             info["class_names"], transform, samples, str(student))
     return [Deployable(student.name, "pytorch", "fp32", student)], images
 
 

@@ -12,8 +12,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import datasets
 
+from .cifar import CIFAR_MEAN, CIFAR_STD
 from .errors import UserError
-from .models import CIFAR_MEAN, CIFAR_STD
 from .recipe import DataConfig
 from .valdata import MINI_CIFAR10, spread_indices
 
@@ -206,3 +206,18 @@ def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, rank: int =
     """Strided shard per process, no padding, so reduced metrics count every image exactly once."""
     shard = Subset(dataset, list(range(rank, len(dataset), world_size)))
     return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory)
+
+
+class HeldOutValSplit:
+    """A recorded held-out part of a training folder (data.val_fraction) as labelled numpy batches, rebuilt with
+    the same torch generator as in training (valdata.LabelledImages)."""
+
+    def __init__(self, data: dict[str, Any], seed: int, samples: int | None):
+        self.dataset = spread_subset(val_dataset(DataConfig.model_validate(data), seed), samples)
+        self.source = f"{data['root']} (val_fraction {data['val_fraction']} of {data['train_dir']}/, seed {seed})"
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        yield from numpy_batches(self.dataset, batch_size)

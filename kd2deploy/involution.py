@@ -15,7 +15,7 @@ from timm.models import build_model_with_cfg, register_model
 from timm.models.resnet import Bottleneck, ResNet
 from torch import Tensor, nn
 
-from .models import CIFAR_CFG, cifar_stem
+from .cifar import CIFAR_CFG, cifar_stem
 
 # elements of one (images × channels × output pixels) chunk in the shift-and-accumulate kernel: a chunk's input,
 # output and kernels stay in the CPU's L2/L3 cache across the K² passes (measured best between 2^18 and 2^20)

@@ -16,11 +16,8 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .checkpoint import load_checkpoint
+from .cifar import CIFAR_CFG, CIFAR_MEAN, CIFAR_STD, cifar_stem  # noqa: F401  (CIFAR_MEAN/STD: re-exported)
 from .errors import UserError
-
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2470, 0.2435, 0.2616)
-CIFAR_CFG = {"input_size": (3, 32, 32), "num_classes": 10, "mean": CIFAR_MEAN, "std": CIFAR_STD, "url": ""}
 
 
 def _cifar_vit(cls: type[VisionTransformer], variant: str, pretrained: bool, defaults: dict[str, Any],
@@ -50,21 +47,6 @@ def deit_tiny_distilled_patch4_32(pretrained: bool = False, **kwargs: Any) -> Vi
     """DeiT-Tiny (192 wide, 12 blocks) with a distillation token, for 32x32 inputs."""
     return _cifar_vit(VisionTransformerDistilled, "deit_tiny_distilled_patch4_32", pretrained,
                       {"embed_dim": 192, "depth": 12, "num_heads": 3}, kwargs)
-
-
-def cifar_stem(model: ResNet) -> ResNet:
-    """Give a timm ResNet the usual CIFAR stem: stride 1 and no max-pool, so a 32x32 input ends in a 4x4 map
-    (8x downsampling) instead of timm's 1x1 (32x). A single-conv stem becomes one 3x3 convolution; a deep stem
-    keeps its layers with its first convolution at stride 1."""
-    stem = model.conv1
-    if isinstance(stem, nn.Sequential):
-        stem[0].stride = (1, 1)
-    else:
-        model.conv1 = nn.Conv2d(stem.in_channels, stem.out_channels, 3, stride=1, padding=1, bias=False)
-    model.maxpool = nn.Identity()
-    for info in model.feature_info:
-        info["reduction"] = max(1, info["reduction"] // 4)  # the stem (2x) and max-pool (2x) are gone
-    return model
 
 
 def _cifar_resnet(variant: str, pretrained: bool, layers: tuple[int, ...], kwargs: dict[str, Any]) -> ResNet:

@@ -165,15 +165,16 @@ def render(pixels: Tensor, boxes: Tensor, size: int, mean: tuple[float, ...], st
     rois = torch.stack([torch.arange(len(images), device=images.device, dtype=torch.float32),
                         left, top, left + width, top + height], dim=1)
     views = roi_align(images, rois, (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-    views = torch.where(flip.bool()[:, None, None, None], views.flip(-1), views)
-    mean_t = torch.tensor(mean, device=views.device).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, device=views.device).view(1, -1, 1, 1)
-    return views.sub_(mean_t).div_(std_t)
+    return _standardise(torch.where(flip.bool()[:, None, None, None], views.flip(-1), views), mean, std)
 
 
 def normalise(pixels: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
     """ToTensor + Normalize on uint8 images already at their final size (the eval transform's pixels exactly)."""
-    images = pixels.float().div_(255)
+    return _standardise(pixels.float().div_(255), mean, std)
+
+
+def _standardise(images: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
+    """(x − mean) / std per channel, in place."""
     return images.sub_(torch.tensor(mean, device=images.device).view(1, -1, 1, 1)).div_(
         torch.tensor(std, device=images.device).view(1, -1, 1, 1))
 

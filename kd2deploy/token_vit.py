@@ -21,8 +21,8 @@ from timm.models import build_model_with_cfg, register_model
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from .cifar import CIFAR_CFG
 from .involution import Involution2d
-from .models import CIFAR_CFG
 
 HeadFusion = Literal["cls", "mean"]
 

@@ -153,24 +153,12 @@ def cifar_test_split(root: Path, dataset: str, transform: EvalTransform) -> ValS
     return ValSet(images, np.asarray(entry[key], dtype=np.int64), Image.fromarray, transform, str(path))
 
 
-class _TorchValSplit:
-    """A held-out part of the training folder (data.val_fraction): its split comes from torch's generator, so it is
-    rebuilt with kd2deploy.data when torch is here."""
-
-    def __init__(self, data: dict[str, Any], seed: int, samples: int | None):
-        from .data import spread_subset, val_dataset
-        from .recipe import DataConfig
-
-        self.dataset = spread_subset(val_dataset(DataConfig.model_validate(data), seed), samples)
-        self.source = f"{data['root']} (val_fraction {data['val_fraction']} of {data['train_dir']}/, seed {seed})"
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        from .data import numpy_batches
-
-        yield from numpy_batches(self.dataset, batch_size)
+def is_held_out_split(data: dict[str, Any]) -> bool:
+    """Whether a recorded data section's val split is a held-out part of its training folder (data.val_fraction):
+    that split comes from torch's generator, so only kd2deploy.data rebuilds it."""
+    val_dir = Path(data["root"]) / data["val_dir"] if data.get("root") is not None else None
+    return (data["dataset"] == "imagefolder" and val_dir is not None and not val_dir.is_dir()
+            and data.get("val_fraction") is not None)
 
 
 def recorded_val_set(data: dict[str, Any], seed: int, class_names: Sequence[str], transform: EvalTransform,
@@ -184,16 +172,10 @@ def recorded_val_set(data: dict[str, Any], seed: int, class_names: Sequence[str]
                         "Give --val DIR: a folder with one sub-folder per class.")
     if dataset in ("cifar10", "cifar100"):
         return cifar_test_split(Path(data["root"]), dataset, transform).spread(samples)
-    val_dir = Path(data["root"]) / data["val_dir"]
-    if val_dir.is_dir() or data.get("val_fraction") is None:
-        return image_folder(val_dir, class_names, transform, f"data.val_dir in {where}").spread(samples)
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        raise UserError("The run held out data.val_fraction of its training folder as val split, which only the "
-                        "training stack rebuilds. Give --val DIR (a folder with one sub-folder per class), or "
-                        "install kd2deploy[train].") from None
-    return _TorchValSplit(data, seed, samples)
+    if is_held_out_split(data):
+        raise ValueError("a held-out split: kd2deploy.data.HeldOutValSplit rebuilds it")
+    return image_folder(Path(data["root"]) / data["val_dir"], class_names, transform,
+                        f"data.val_dir in {where}").spread(samples)
 
 
 def evaluate_runner(run: Callable[[np.ndarray], np.ndarray], images: LabelledImages, batch_size: int = 64

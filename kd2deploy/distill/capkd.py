@@ -26,8 +26,8 @@ from torch import Tensor, nn
 from ..distributed import all_reduce_mean_grads
 from ..errors import UserError
 from ..hooks import FeatureHooks, TransformerTap
-from . import register_method
 from .base import Distiller, MethodParams, StepOutput, kl_divergence
+from .registry import register_method
 
 
 class CAPKDParams(MethodParams):

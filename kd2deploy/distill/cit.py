@@ -6,8 +6,8 @@ from typing import Any
 from pydantic import Field
 from torch import Tensor, nn
 
-from . import register_method
 from .base import Distiller, MethodParams, StepOutput, fused_logits, kl_divergence, require_distill_tokens
+from .registry import register_method
 
 
 class CiTParams(MethodParams):

@@ -11,9 +11,9 @@ from torch import Tensor, nn
 
 from ..errors import UserError
 from ..token_vit import distill_token_heads
-from . import register_method
 from .base import Distiller, MethodParams, StepOutput, fused_logits, require_distill_tokens
 from .deit import token_distillation_loss
+from .registry import register_method
 
 Schedule = Literal["linear", "quadratic", "cosine"]
 

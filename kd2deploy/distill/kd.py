@@ -5,8 +5,8 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from . import register_method
 from .base import Distiller, MethodParams, StepOutput, kl_divergence
+from .registry import register_method
 
 
 class KDParams(MethodParams):

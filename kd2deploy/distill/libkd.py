@@ -8,9 +8,9 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from ..errors import UserError
-from . import register_method
 from .base import Distiller, MethodParams, StepOutput, fused_logits, require_distill_tokens
 from .deit import token_distillation_loss
+from .registry import register_method
 
 
 class LIBKDParams(MethodParams):

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from . import register_method
 from .base import Distiller, StepOutput
+from .registry import register_method
 
 
 @register_method
