@@ -103,7 +103,8 @@ def test_a_compiled_run_matches_the_eager_run_and_reports_its_compile_time(tmp_p
 
 # --------------------------------------------------------------------------------------------- involution
 @pytest.mark.parametrize("shape, channels_last", list(itertools.product(
-    [(5, 16, 9, 3, 1, 1), (4, 32, 12, 7, 1, 4), (3, 32, 12, 3, 2, 2), (2, 8, 8, 7, 2, 1), (2, 16, 9, 3, 2, 1)], [False, True])))
+    [(5, 16, 9, 3, 1, 1), (4, 32, 12, 7, 1, 4), (3, 32, 12, 3, 2, 2), (2, 8, 8, 7, 2, 1), (2, 16, 9, 3, 2, 1)],
+    [False, True])))
 def test_fast_involution_equals_the_unfold_involution(shape, channels_last):
     """Outputs and both gradients of the shift-and-accumulate kernel against Eq. 4 computed with unfold."""
     batch, channels, size, k, stride, groups = shape
