@@ -4,16 +4,20 @@ kd2deploy registers a few CIFAR-size models with timm's registry, so recipes nam
 """
 from __future__ import annotations
 
+import math
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
+import torch.nn.functional as F
+from timm.layers import ConvNormAct, SelectAdaptivePool2d
 from timm.models import build_model_with_cfg, register_model
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.resnet import BasicBlock, ResNet
 from timm.models.vision_transformer import VisionTransformer
-from torch import nn
+from torch import Tensor, nn
 
 from .checkpoint import load_checkpoint
 from .cifar import CIFAR_CFG, CIFAR_MEAN, CIFAR_STD, cifar_stem  # noqa: F401  (CIFAR_MEAN/STD: re-exported)
@@ -65,6 +69,104 @@ def resnet10_cifar(pretrained: bool = False, **kwargs: Any) -> ResNet:
 def resnet18_cifar(pretrained: bool = False, **kwargs: Any) -> ResNet:
     """ResNet-18 with the CIFAR stem (the usual CIFAR ResNet-18, 11M parameters)."""
     return _cifar_resnet("resnet18_cifar", pretrained, (2, 2, 2, 2), kwargs)
+
+
+class ResNet9(nn.Module):
+    """The fast-training CIFAR network of Page's DAWNBench entry (myrtle.ai, "How to train your ResNet", 2018): a
+    3x3 stem, three stages of conv-BN-ReLU + 2x2 max-pool, a residual pair of convs after the first and last.
+    Wide and shallow, so it reaches 94% on CIFAR-10 in 24 epochs at full width.
+    Differences from Page's: global average pooling instead of max (so the classifier can also be applied at every
+    position, as CSKD's dense teacher predictions need) and no 0.125 logit scale (label smoothing tames the logits).
+    `width` is the stem's channel count (Page: 64); the stages have 2x, 4x and 8x it."""
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 3, width: int = 64, drop_rate: float = 0.0,
+                 global_pool: str = "avg", **_: Any):
+        super().__init__()
+        c = [width, 2 * width, 4 * width, 8 * width]
+        self.num_classes, self.num_features, self.drop_rate = num_classes, c[3], drop_rate
+        self.stem = ConvNormAct(in_chans, c[0], 3)
+        self.layer1 = nn.Sequential(ConvNormAct(c[0], c[1], 3), nn.MaxPool2d(2), _Residual(c[1]))
+        self.layer2 = nn.Sequential(ConvNormAct(c[1], c[2], 3), nn.MaxPool2d(2))
+        self.layer3 = nn.Sequential(ConvNormAct(c[2], c[3], 3), nn.MaxPool2d(2), _Residual(c[3]))
+        self.feature_info = [{"num_chs": n, "reduction": r, "module": m}
+                             for n, r, m in zip(c, (1, 2, 4, 8), ("stem", "layer1", "layer2", "layer3"), strict=True)]
+        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        self.fc = nn.Linear(c[3], num_classes) if num_classes > 0 else nn.Identity()
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str = "avg") -> None:
+        self.num_classes = num_classes
+        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        return self.layer3(self.layer2(self.layer1(self.stem(x))))
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = F.dropout(self.global_pool(x), p=self.drop_rate, training=self.training)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+class _Residual(nn.Module):
+    """x + two conv-BN-ReLU layers (ResNet-9's residual pair)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1, self.conv2 = ConvNormAct(channels, channels, 3), ConvNormAct(channels, channels, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.conv2(self.conv1(x))
+
+
+@register_model
+def resnet9_cifar(pretrained: bool = False, **kwargs: Any) -> ResNet9:
+    """Page's ResNet-9 for 32x32 inputs (6.6M parameters at `width: 64`; 1.6M at `width: 32`)."""
+    args = dict(kwargs)
+    args["pretrained_cfg"] = args.get("pretrained_cfg") or {**CIFAR_CFG, "first_conv": "stem.conv", "classifier": "fc"}
+    return build_model_with_cfg(ResNet9, "resnet9_cifar", pretrained, feature_cfg={"out_indices": (0, 1, 2, 3)}, **args)
+
+
+class ConvStemEmbed(nn.Module):
+    """A convolutional stem in place of a ViT's patchify layer (Xiao et al., "Early Convolutions Help Transformers
+    See Better", NeurIPS 2021): a 3x3 conv-BN-ReLU, then log2(patch_size) stages of 3x3 conv-BN-ReLU + 2x2
+    max-pool doubling the width, and a 1x1 projection to the embedding. Returns (B, N, D) tokens like timm's
+    PatchEmbed, on the same grid a patch_size patchify would give."""
+
+    def __init__(self, img_size: int = 32, patch_size: int = 4, in_chans: int = 3, embed_dim: int = 128,
+                 width: int = 32, **_: Any):
+        super().__init__()
+        stages = int(math.log2(patch_size))
+        if 2**stages != patch_size:
+            raise ValueError(f"the convolutional stem needs a power-of-two patch_size, not {patch_size}")
+        self.img_size, self.patch_size = (img_size, img_size), (patch_size, patch_size)
+        self.grid_size = (img_size // patch_size, img_size // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        layers, channels = [ConvNormAct(in_chans, width, 3)], width
+        for _stage in range(stages):
+            layers += [ConvNormAct(channels, 2 * channels, 3), nn.MaxPool2d(2)]
+            channels *= 2
+        self.proj = nn.Sequential(*layers, nn.Conv2d(channels, embed_dim, 1))
+
+    def feat_ratio(self, as_scalar: bool = True) -> int:
+        return self.patch_size[0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+@register_model
+def vit_convstem_cifar(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """A small ViT for 32x32 inputs with a convolutional stem (64 tokens, 128 wide, 6 blocks of 4 heads, MLP ratio
+    2, no class token: average-pooled tokens; 0.9M parameters). `stem_width` sets the stem's first width (32)."""
+    stem = partial(ConvStemEmbed, width=kwargs.pop("stem_width", 32))
+    return _cifar_vit(VisionTransformer, "vit_convstem_cifar", pretrained,
+                      {"embed_dim": 128, "depth": 6, "num_heads": 4, "mlp_ratio": 2.0, "class_token": False,
+                       "global_pool": "avg", "embed_layer": stem}, kwargs)
 
 
 def create_model(name: str, num_classes: int, pretrained: bool = False, checkpoint: Path | None = None,

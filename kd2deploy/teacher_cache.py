@@ -12,9 +12,10 @@ Layout: one folder per teacher under `teacher_cache.dir`, named by the cache key
 determines the outputs (the teacher's weights, model name and kwargs, the training images, the view transform and
 its resolution, K and the method's output signature). A changed anything is a different key, so a stale cache is
 never read; it is rebuilt beside the old one. Each folder holds meta.json, views.npy (N, K, 5: top, left, height,
-width, flip), logits.npy (N·K, C, fp16) and, for dense outputs, dense_prob.npy / dense_index.npy (N·K, P, k: the
-top-k probabilities per position, fp16, and their classes). A build writes to `<key>.partial` and renames it when
-complete, sharded over torchrun ranks.
+width, flip), logits.npy (N·K, C, fp16) and, for dense outputs (per-position logits), dense_logit.npy /
+dense_index.npy (N·K, P, k: the top-k logits per position, fp16, and their classes) and, when k < C, dense_rest.npy
+(N·K, P: the mean of the other C − k logits, which stand in for each of them; with k ≥ C the dense logits are
+exact up to fp16). A build writes to `<key>.partial` and renames it when complete, sharded over torchrun ranks.
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ from .resident import RENDERER as RESIDENT_RENDERER
 from .resident import ResidentImages, normalise, render
 
 FORMAT = 1
+DENSE_LAYOUT = "topk-logits+rest-mean"  # part of the key of dense caches: older layouts held probabilities
 DEFAULT_DIR = Path(os.environ.get("KD2DEPLOY_CACHE", Path.home() / ".cache" / "kd2deploy")) / "teacher_outputs"
 
 
@@ -160,12 +162,14 @@ class TeacherCache:
         outputs = []
         for arrays in self.arrays:
             out = {"logits": torch.from_numpy(arrays["logits"][rows].astype(np.float32)).to(device)}
-            if "dense_prob" in arrays:
-                prob = torch.from_numpy(arrays["dense_prob"][rows].astype(np.float32))
+            if "dense_logit" in arrays:
+                top = torch.from_numpy(arrays["dense_logit"][rows].astype(np.float32))
                 index = torch.from_numpy(arrays["dense_index"][rows].astype(np.int64))
                 classes = out["logits"].shape[-1]
-                dense = torch.zeros(*prob.shape[:2], classes).scatter_(-1, index, prob)
-                out["dense"] = dense.to(device)
+                dense = torch.zeros(*top.shape[:2], classes)
+                if "dense_rest" in arrays:  # the classes outside the top k get the mean of their logits
+                    dense += torch.from_numpy(arrays["dense_rest"][rows].astype(np.float32))[..., None]
+                out["dense"] = dense.scatter_(-1, index, top).to(device)
             outputs.append(out)
         return outputs
 
@@ -211,7 +215,7 @@ def dataset_digest(images: Dataset) -> dict[str, Any]:
 def cache_key(teacher: dict[str, Any], data: dict[str, Any], spec: ViewSpec, signature: dict[str, Any],
               dense_topk: int) -> tuple[str, dict[str, Any]]:
     fields = {"format": FORMAT, "teacher": teacher, "data": data, "views": asdict(spec), "outputs": signature,
-              "dense_topk": dense_topk if "dense" in signature.get("outputs", []) else None}
+              "dense_topk": [dense_topk, DENSE_LAYOUT] if "dense" in signature.get("outputs", []) else None}
     text = json.dumps(fields, sort_keys=True, default=list)
     return hashlib.sha256(text.encode()).hexdigest(), fields
 
@@ -373,10 +377,12 @@ def _create_arrays(folder: Path, shapes: dict[str, tuple[int, ...]], n: int, k: 
         positions, classes = shapes["dense"]
         top = min(topk, classes)
         index_dtype = np.int16 if classes < 2**15 else np.int32
-        np.lib.format.open_memmap(folder / "dense_prob.npy", mode="w+", dtype=np.float16,
+        np.lib.format.open_memmap(folder / "dense_logit.npy", mode="w+", dtype=np.float16,
                                   shape=(n * k, positions, top))
         np.lib.format.open_memmap(folder / "dense_index.npy", mode="w+", dtype=index_dtype,
                                   shape=(n * k, positions, top))
+        if top < classes:
+            np.lib.format.open_memmap(folder / "dense_rest.npy", mode="w+", dtype=np.float16, shape=(n * k, positions))
 
 
 def _write_rows(arrays: dict[str, np.ndarray], index: np.ndarray, rows: np.ndarray, params: np.ndarray,
@@ -384,7 +390,11 @@ def _write_rows(arrays: dict[str, np.ndarray], index: np.ndarray, rows: np.ndarr
     arrays["views"][index] = params
     arrays["logits"][rows] = outputs["logits"].float().cpu().numpy().astype(np.float16)
     if "dense" in outputs:
-        top = arrays["dense_prob"].shape[-1]
-        prob, cls = outputs["dense"].float().topk(top, dim=-1)
-        arrays["dense_prob"][rows] = prob.cpu().numpy().astype(np.float16)
+        dense = outputs["dense"].float()
+        top = arrays["dense_logit"].shape[-1]
+        values, cls = dense.topk(top, dim=-1)
+        arrays["dense_logit"][rows] = values.cpu().numpy().astype(np.float16)
         arrays["dense_index"][rows] = cls.cpu().numpy().astype(arrays["dense_index"].dtype)
+        if "dense_rest" in arrays:
+            rest = (dense.sum(dim=-1) - values.sum(dim=-1)) / (dense.shape[-1] - top)
+            arrays["dense_rest"][rows] = rest.cpu().numpy().astype(np.float16)

@@ -7,7 +7,10 @@
   the conv and inv tokens are their average-pooled outputs, so each token carries its teacher's inductive bias.
 
 In training with `set_distilled_training(True)` the model returns one logit tensor per head (class first); at
-inference `head_fusion` decides: "cls" uses the class head alone, "mean" averages every head.
+inference `head_fusion` decides: "cls" uses the class head alone, "mean" averages every head, "cls_dist_dense"
+(one distillation token; CSKD's inference, github.com/Zzzzz1/CSKD cskd/models/vision_transformer.py `forward`)
+averages the class head, the distillation head and the distillation head's mean prediction over the patch tokens.
+The CiT students (cit_*) default to "cls", the class token as in the CiT paper; the others to "mean".
 """
 from __future__ import annotations
 
@@ -18,13 +21,15 @@ from typing import Any, Literal
 import torch
 from timm.layers import ConvNormAct, PatchEmbed, trunc_normal_
 from timm.models import build_model_with_cfg, register_model
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import VisionTransformer, get_init_weights_vit
 from torch import Tensor, nn
 
 from .cifar import CIFAR_CFG
+from .errors import UserError
 from .involution import Involution2d
 
-HeadFusion = Literal["cls", "mean"]
+HeadFusion = Literal["cls", "mean", "cls_dist_dense"]
+HEAD_FUSIONS = ("cls", "mean", "cls_dist_dense")
 
 
 class LearnedTokenEmbed(PatchEmbed):
@@ -63,7 +68,7 @@ class CoAdviseStem(nn.Module):
             if i == 0:  # involution needs a few channels to act on: the first layer is a convolution in both
                 inv.append(ConvNormAct(c_in, width, 3, stride=2))
             else:
-                inv += [Involution2d(c_in, 3, stride=2, group_channels=min(16, c_in)), nn.BatchNorm2d(c_in),
+                inv += [Involution2d(c_in, 3, stride=2, group_channels=math.gcd(16, c_in)), nn.BatchNorm2d(c_in),
                         nn.ReLU(inplace=True), ConvNormAct(c_in, width, 1)]
             c_in = width
         self.conv_stem = nn.Sequential(*conv, nn.Conv2d(c_in, embed_dim, 1))
@@ -85,8 +90,12 @@ class TokenViT(VisionTransformer):
 
     def __init__(self, *args: Any, num_distill_tokens: int = 1, stem: Literal["patch", "co_advise"] = "patch",
                  head_fusion: HeadFusion = "mean", **kwargs: Any):
-        if head_fusion not in ("cls", "mean"):
-            raise ValueError(f"head_fusion must be 'cls' or 'mean', not {head_fusion!r}")
+        if head_fusion not in HEAD_FUSIONS:
+            raise UserError(f"head_fusion {head_fusion!r} (the model's `kwargs.head_fusion`) is not one of "
+                            f"{', '.join(HEAD_FUSIONS)}. Pick one of those.")
+        if head_fusion == "cls_dist_dense" and num_distill_tokens != 1:
+            raise UserError(f"head_fusion 'cls_dist_dense' (the model's `kwargs.head_fusion`) needs exactly one "
+                            f"distillation token, but this model has {num_distill_tokens}. Use 'cls' or 'mean'.")
         embed = {"patch": LearnedTokenEmbed, "co_advise": CoAdviseStem}[stem]
         kwargs.setdefault("global_pool", "token")
         super().__init__(*args, embed_layer=partial(embed, num_tokens=num_distill_tokens), **kwargs)
@@ -97,7 +106,18 @@ class TokenViT(VisionTransformer):
         trunc_normal_(self.pos_embed, std=0.02)
         self.token_heads = nn.ModuleList(nn.Linear(self.embed_dim, self.num_classes)
                                          for _ in range(num_distill_tokens))
+        self._init_token_heads(kwargs.get("weight_init", ""))
         self.distilled_training = False
+
+    def _init_token_heads(self, mode: str) -> None:
+        """Like timm's `head` (VisionTransformer.init_weights): trunc_normal(std .02) weights and zero bias by
+        default, zero weights and `head_bias` in the jax modes; 'skip' keeps PyTorch's default, as for `head`."""
+        if mode == "skip" or self.num_classes <= 0:
+            return
+        head_bias = -math.log(self.num_classes) if "nlhb" in mode else 0.0
+        init = get_init_weights_vit(mode, head_bias)
+        for head in self.token_heads:
+            init(head, name="head")  # the name timm's jax init recognises as a classifier head
 
     @torch.jit.ignore
     def set_distilled_training(self, enable: bool = True) -> None:
@@ -127,9 +147,15 @@ class TokenViT(VisionTransformer):
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor | tuple[Tensor, ...]:
         tokens = self.head_drop(x[:, : self.num_prefix_tokens])
+        features, heads = list(tokens.unbind(dim=1)), [self.head, *self.token_heads]
+        if self.head_fusion == "cls_dist_dense" and not (self.distilled_training and self.training):
+            # the distillation head's mean logits over the patch tokens; the head is linear, so applying it to the
+            # mean token equals the CSKD authors' mean of its per-patch logits
+            features.append(self.head_drop(x[:, self.num_prefix_tokens:].mean(dim=1)))
+            heads.append(self.token_heads[0])
         if pre_logits:
-            return tokens[:, 0] if self.head_fusion == "cls" else tokens.mean(dim=1)
-        logits = [self.head(tokens[:, 0]), *(head(tokens[:, 1 + i]) for i, head in enumerate(self.token_heads))]
+            return features[0] if self.head_fusion == "cls" else torch.stack(features).mean(dim=0)
+        logits = [head(feature) for head, feature in zip(heads, features, strict=True)]
         if self.distilled_training and self.training:
             return tuple(logits)
         if self.head_fusion == "cls":
@@ -162,6 +188,8 @@ def _token_vit(variant: str, pretrained: bool, defaults: dict[str, Any], kwargs:
 _NANO_32 = {"img_size": 32, "patch_size": 4, "embed_dim": 96, "depth": 6, "num_heads": 3}
 _TINY_32 = {"img_size": 32, "patch_size": 4, "embed_dim": 192, "depth": 12, "num_heads": 3}
 _TINY_224 = {"img_size": 224, "patch_size": 16, "embed_dim": 192, "depth": 12, "num_heads": 3}
+# CiT: the class token's prediction at inference, as the paper's text (its authors' code averages the three heads)
+_CIT = {"num_distill_tokens": 2, "stem": "co_advise", "head_fusion": "cls"}
 
 
 @register_model
@@ -179,19 +207,16 @@ def libkd_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> TokenViT:
 @register_model
 def cit_nano_patch4_32(pretrained: bool = False, **kwargs: Any) -> TokenViT:
     """CIFAR-size CiT student: class, conv and inv tokens and the co-advise stems (96 wide, 6 blocks)."""
-    return _token_vit("cit_nano_patch4_32", pretrained,
-                      {**_NANO_32, "num_distill_tokens": 2, "stem": "co_advise"}, kwargs)
+    return _token_vit("cit_nano_patch4_32", pretrained, {**_NANO_32, **_CIT}, kwargs)
 
 
 @register_model
 def cit_tiny_patch4_32(pretrained: bool = False, **kwargs: Any) -> TokenViT:
     """CIFAR-size CiT student at DeiT-Tiny width (192 wide, 12 blocks)."""
-    return _token_vit("cit_tiny_patch4_32", pretrained,
-                      {**_TINY_32, "num_distill_tokens": 2, "stem": "co_advise"}, kwargs)
+    return _token_vit("cit_tiny_patch4_32", pretrained, {**_TINY_32, **_CIT}, kwargs)
 
 
 @register_model
 def cit_tiny_patch16_224(pretrained: bool = False, **kwargs: Any) -> TokenViT:
     """CiT-Tiny at 224 (the paper's ImageNet student size)."""
-    return _token_vit("cit_tiny_patch16_224", pretrained,
-                      {**_TINY_224, "num_distill_tokens": 2, "stem": "co_advise"}, kwargs)
+    return _token_vit("cit_tiny_patch16_224", pretrained, {**_TINY_224, **_CIT}, kwargs)

@@ -34,18 +34,18 @@ def build(teacher=TINY_VIT, student=("resnet10_cifar", TINY_CNN["kwargs"]), **pa
     return CAPKD(s, [t], CAPKDParams(**params), 10, mean=CIFAR_MEAN, std=CIFAR_STD).train()
 
 
-@pytest.mark.parametrize(("teacher", "student", "student_size", "grid", "teacher_size"), [
-    (("test_vit", {}), ("test_resnet", {}), 32, (10, 10), 160),  # 160 ViT teacher, 32 student
-    (("test_vit", {}), ("mobilenetv2_050", {}), 224, (10, 10), 160),  # 7x7 student map -> 10x10 tokens
-    (("deit_nano_distilled_patch4_32", {}), ("test_efficientnet", {}), 32, (8, 8), 32),  # 2 prefix tokens
-    (("deit_nano_distilled_patch4_32", {}), ("resnet10_cifar", {}), 32, (8, 8), 32),  # 4x4 -> 8x8
-    (SWIN, ("test_resnet", {}), 32, (8, 8), 32),
-    (SWIN, ("mobilenetv2_050", {}), 64, (8, 8), 32),
-    (("vit_nano_patch4_32", {"img_size": 64}), ("test_efficientnet", {}), 64, (16, 16), 64),
+@pytest.mark.parametrize(("teacher", "student", "student_size", "grid", "teacher_size", "layer"), [
+    (("test_vit", {}), ("test_resnet", {}), 32, (10, 10), 160, "layer1"),  # 160 ViT teacher, 32 student: 8x8 map
+    (("test_vit", {}), ("mobilenetv2_050", {}), 224, (10, 10), 160, "blocks.4"),  # 14x14 student map -> 10x10
+    (("deit_nano_distilled_patch4_32", {}), ("test_efficientnet", {}), 32, (8, 8), 32, "blocks.1"),  # 2 prefix tokens
+    (("deit_nano_distilled_patch4_32", {}), ("resnet10_cifar", {}), 32, (8, 8), 32, "layer3"),  # 8x8 -> 8x8
+    (SWIN, ("test_resnet", {}), 32, (8, 8), 32, "layer1"),
+    (SWIN, ("mobilenetv2_050", {}), 64, (8, 8), 32, "blocks.2"),
+    (("vit_nano_patch4_32", {"img_size": 64}), ("test_efficientnet", {}), 64, (16, 16), 64, "blocks.1"),
 ])
-def test_shapes_for_transformer_teachers_and_cnn_students(teacher, student, student_size, grid, teacher_size):
-    distiller = build(teacher, student)
-    assert distiller.grid == grid and distiller.teacher_size == teacher_size
+def test_shapes_for_transformer_teachers_and_cnn_students(teacher, student, student_size, grid, teacher_size, layer):
+    distiller = build(teacher, student, student_img_size=student_size)
+    assert distiller.grid == grid and distiller.teacher_size == teacher_size and distiller.student_layer == layer
     n, tap = grid[0] * grid[1], distiller.tap
     images = torch.randn(2, 3, student_size, student_size)
     out = distiller(images, torch.tensor([1, 2]))
@@ -69,11 +69,14 @@ def test_cifar_resnets_keep_a_4x4_last_stage_map(name):
 
 
 def _teacher_attention_probe(teacher):
-    """timm's own attention probabilities in the teacher's last block (unfused, read at attn_drop's input)."""
+    """timm's own per-head attention output softmax(QKᵀ/√d)·V in the teacher's last block (read at proj's input)."""
     attn = teacher.blocks[-1].attn
-    attn.fused_attn = False
     seen = {}
-    attn.attn_drop.register_forward_hook(lambda _m, inputs, _o: seen.update(attn=inputs[0]))
+
+    def record(_module, inputs):
+        b, n, _ = inputs[0].shape
+        seen["out"] = inputs[0].reshape(b, n, attn.num_heads, attn.head_dim).transpose(1, 2)
+    attn.proj.register_forward_pre_hook(record)
     return seen
 
 
@@ -86,18 +89,16 @@ def test_cross_probability_one_reproduces_teacher_attention_and_zero_is_pure_stu
     distiller.teachers[0](images)
     h_s = torch.randn(2, 16, 8, 8)
     _, qkv_t, _ = distiller.tap.read()
+    pca, d = distiller.pca, distiller.tap.head_dim
+    q, k, v = (x.reshape(2, 2, d, 64).transpose(-1, -2) for x in (pca.q(h_s), pca.k(h_s), pca.v(h_s)))
 
     p_attn, v_rel = distiller.pca(h_s, qkv_t, p=1.0)
-    torch.testing.assert_close(p_attn, seen["attn"], rtol=1e-5, atol=1e-6)
-    v_t = qkv_t[2]
-    torch.testing.assert_close(v_rel, v_t @ v_t.transpose(-2, -1) / v_t.shape[-1] ** 0.5)
+    torch.testing.assert_close(p_attn, seen["out"], rtol=1e-5, atol=1e-6)  # Eq. 3 with every element swapped
+    torch.testing.assert_close(v_rel, v @ v.transpose(-2, -1) / d**0.5)  # Eq. 4: still the student's own V_S
 
     p_attn0, v_rel0 = distiller.pca(h_s, qkv_t, p=0.0)
-    pca, d = distiller.pca, distiller.tap.head_dim
-    q, k, v = (pca.q(h_s), pca.k(h_s), pca.v(h_s))
-    q, k, v = (x.reshape(2, 2, d, 64).transpose(-1, -2) for x in (q, k, v))
-    torch.testing.assert_close(p_attn0, (q @ k.transpose(-2, -1) / d**0.5).softmax(-1))
-    torch.testing.assert_close(v_rel0, v @ v.transpose(-2, -1) / d**0.5)
+    torch.testing.assert_close(p_attn0, (q @ k.transpose(-2, -1) / d**0.5).softmax(-1) @ v)
+    torch.testing.assert_close(v_rel0, v_rel)
 
     torch.manual_seed(0)
     p_half, _ = distiller.pca(h_s, qkv_t, p=0.5)
@@ -123,14 +124,15 @@ def test_multi_view_generator_transforms_about_half_the_images_within_pixel_rang
     mean, std = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1), torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
     images = (torch.rand(400, 3, 32, 32) - mean) / std
     torch.manual_seed(0)
-    out = views(images)
+    out, teacher_view = views(images)
+    assert teacher_view is None
     changed = (out - images).flatten(1).abs().amax(1) > 0
     assert out.shape == images.shape and 150 < changed.sum() < 250
     pixels = out * std + mean
     assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5  # still images in [0, 1]
     masked = (out[changed] == 0).all(dim=1).float().mean()  # whole masked patches hold the mean colour
     assert masked > 0.15
-    assert torch.equal(MultiViewGenerator(CAPKDParams(mvg_prob=0.0), CIFAR_MEAN, CIFAR_STD)(images), images)
+    assert torch.equal(MultiViewGenerator(CAPKDParams(mvg_prob=0.0), CIFAR_MEAN, CIFAR_STD)(images)[0], images)
 
 
 @pytest.mark.parametrize("term", ["proj1", "proj2", "mvg", "ce"])
@@ -181,7 +183,8 @@ def test_training_saves_a_plain_student_that_exports_to_onnx(tmp_path):
                                   "optim": {"epochs": 2, "batch_size": 32, "lr": 0.05}})), console=quiet())
     metrics = trainer.fit()
     assert trainer.distiller.disc_steps == trainer.global_step // 5 > 0
-    assert all(metrics[f"loss_{t}"] > 0 for t in ("ce", "proj1", "proj2", "mvg"))
+    assert all(metrics[f"loss_{t}"] > 0 for t in ("ce", "proj1", "proj2"))
+    assert metrics["loss_mvg"] < 0  # the paper's minimax L_MVG = mean log(1 − D(h'_S)) (Eq. 9)
     optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     assert all(id(p) in optimized for p in [*trainer.distiller.pca.parameters(), *trainer.distiller.gl.parameters()])
     assert not any(id(p) in optimized for p in trainer.distiller.discriminator.parameters())

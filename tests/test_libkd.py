@@ -148,7 +148,9 @@ def test_cit_loss_by_hand():
     torch.manual_seed(0)
     cls = get_method_class("cit")
     params = cls.Params(lambda_cls=0.5, lambda_conv=2.0, lambda_inv=3.0, tau_conv=1.0, tau_inv=4.0)
-    d = cls(timm.create_model("cit_nano_patch4_32", num_classes=10, depth=1), _teachers(2), params, 10).train()
+    teachers = [timm.create_model("test_resnet", num_classes=10),  # teachers.0 a CNN, teachers.1 an INN
+                timm.create_model("rednet26_cifar", num_classes=10, **TINY_REDNET)]
+    d = cls(timm.create_model("cit_nano_patch4_32", num_classes=10, depth=1), teachers, params, 10).train()
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
     out = d(x, y)
     with torch.no_grad():
@@ -158,7 +160,7 @@ def test_cit_loss_by_hand():
     assert torch.allclose(out.loss, expected, atol=1e-5)
     assert set(out.terms) == {"ce", "kd_conv", "kd_inv"}
     with pytest.raises(UserError, match="2 distillation token"):
-        cls(timm.create_model("libkd_nano_patch4_32", num_classes=10, depth=1), _teachers(2), cls.Params(), 10)
+        cls(timm.create_model("libkd_nano_patch4_32", num_classes=10, depth=1), teachers, cls.Params(), 10)
 
 
 def test_cskd_dense_teacher_and_loss_by_hand():
@@ -173,18 +175,17 @@ def test_cskd_dense_teacher_and_loss_by_hand():
         features = teacher.forward_features(x)  # (3, C, 4, 4)
         per_position = torch.einsum("bchw,kc->bkhw", features, teacher.fc.weight) + teacher.fc.bias[:, None, None]
         assert torch.allclose(out_t["logits"], teacher(x), atol=1e-5)  # pooling and the classifier commute
-        on_grid = per_position.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)  # 4x4 -> the 8x8 patches
-        assert torch.allclose(out_t["dense"], on_grid.flatten(2).transpose(1, 2).softmax(-1), atol=1e-5)
+        assert torch.allclose(out_t["dense"], per_position.flatten(2).transpose(1, 2), atol=1e-5)  # 4x4 logits
 
     d.progress = 0.25
     out = d(x, y)
     z_cls, z_dist = d.student(x)
     tokens = d.student_hooks.features["tokens"][:, 2:]
-    dense_student = d.student.token_heads[0](tokens)
-    r = 0.25
-    target = (r * out_t["logits"].softmax(-1)[:, None] + (1 - r) * out_t["dense"]).argmax(-1)
+    dense_student = d.student.token_heads[0](tokens).transpose(1, 2).reshape(3, 10, 8, 8)
+    student_cells = F.avg_pool2d(dense_student, 2).flatten(2).transpose(1, 2)  # the 8x8 patches onto the 4x4 cells
+    target = (0.25 * out_t["logits"][:, None] + 0.75 * out_t["dense"]).argmax(-1)  # CKF on logits, r = 0.25
     expected = (0.6 * F.cross_entropy(z_cls, y) + 0.4 * F.cross_entropy(z_dist, out_t["logits"].argmax(-1))
-                + 2.0 * F.cross_entropy(dense_student.reshape(-1, 10), target.reshape(-1)))
+                + 2.0 * F.cross_entropy(student_cells.reshape(-1, 10), target.reshape(-1)))
     assert torch.allclose(out.loss, expected, atol=1e-5)
 
 

@@ -69,7 +69,7 @@ class Distiller(nn.Module):
 
     def teacher_output(self, index: int, images: Tensor) -> dict[str, Tensor]:
         """What teacher `index` tells the student about a batch: "logits" (B, C), plus, for methods that override
-        this, "dense" per-position probabilities (B, P, C). The teacher-output cache stores exactly this."""
+        this, "dense" per-position logits (B, P, C). The teacher-output cache stores exactly this."""
         return {"logits": self.teachers[index](images)}
 
     def teacher_output_signature(self) -> dict[str, Any]:
@@ -143,11 +143,22 @@ def require_distill_tokens(student: nn.Module, count: int, method: str, example:
             f"`student.kwargs.num_distill_tokens: {count}` on one of kd2deploy's token ViTs.")
 
 
-def fused_logits(student: nn.Module, head_logits: tuple[Tensor, ...]) -> Tensor:
-    """The prediction a token student makes at inference from its heads' logits (class head first)."""
-    if getattr(student, "head_fusion", "mean") == "cls":
+def fused_logits(student: nn.Module, head_logits: tuple[Tensor, ...], dense_logits: Tensor | None = None) -> Tensor:
+    """The prediction a token student makes at inference (its `head_fusion`, see kd2deploy/token_vit.py) from its
+    heads' logits (class head first) and, for "cls_dist_dense", the distillation head's logits on every patch
+    token (B, P, K), which only a method that trains them (CSKD) computes."""
+    fusion = getattr(student, "head_fusion", "mean")
+    if fusion == "cls":
         return head_logits[0].detach()
-    return torch.stack([z.detach() for z in head_logits]).mean(dim=0)
+    heads = list(head_logits)
+    if fusion == "cls_dist_dense":
+        if dense_logits is None:
+            raise UserError(
+                "`head_fusion: cls_dist_dense` (student.kwargs.head_fusion) predicts with the distillation head on "
+                "every patch token, which only distill.method `cskd` trains. Use `head_fusion: mean` or `cls` with "
+                "this method.")
+        heads.append(dense_logits.mean(dim=1))
+    return torch.stack([z.detach() for z in heads]).mean(dim=0)
 
 
 def kl_divergence(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:

@@ -1,0 +1,358 @@
+"""The distillation study on CIFAR-10: does each method beat training the same student alone?
+
+Two pairs, every row of a pair with the same student, data, augmentation, optimiser, schedule, epochs and seeds;
+the teacher (and the method using it) is the only difference:
+- `vit_to_cnn` (transformer -> CNN): the convolutional-stem ViT teacher -> a quarter-width ResNet-10-T;
+  none, none at twice the epochs, KD, CAP-KD.
+- `cnn_to_vit` (CNN + involution -> tiny ViT): the ResNet-9 teacher (and the RedNet-26 involution teacher) ->
+  the ViT-nano with a distillation token; none, none at twice the epochs, DeiT (hard), LIB-KD, CSKD. CiT needs its
+  own student (conv and inv tokens, co-advise stems), so it has its own no-teacher row (`none_cit`).
+
+Teachers: `bench/teachers/teachers.json` names the committed fp16 checkpoints (with the recipe and command that
+trained them, and their sha256); a missing one is trained with its recipe (recipes/study_*_teacher.yaml) and
+written there. Students train on a seeded 10,000-image subset of the 50,000 training images and are scored on the
+10,000 test images.
+
+Each run is a fresh `kd2deploy train` process in runs/study/<pair>/<method>/seed<k> (resumed if interrupted); its
+row goes to bench/results/study_cifar10.json as soon as it finishes, so the study can be run in parts, on any
+machine, and continues where it stopped. Rows are run seed by seed, so an unfinished study has whole seeds.
+
+    mkdir -p data/cifar10-jpeg && tar -xzf ../shared/data/cifar10/cifar10-jpeg.tar.gz -C data/cifar10-jpeg
+    python bench/study_cifar10.py                      # everything missing, then the tables and plot
+    python bench/study_cifar10.py --pairs vit_to_cnn --max-minutes 110 --commit   # one part of about two hours
+    python bench/study_cifar10.py --report             # only rewrite the .md and .png from the .json
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kd2deploy.bench import training_machine
+from kd2deploy.checkpoint import STUDENT, atomic_save, atomic_write_text, load_checkpoint, sha256
+from kd2deploy.machine import busy_cores_elsewhere
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+TEACHERS_DIR = ROOT / "bench" / "teachers"
+MANIFEST = TEACHERS_DIR / "teachers.json"
+RECIPES = ROOT / "recipes"
+STUDY = "study_cifar10"
+SEEDS = (0, 1, 2)
+EPOCHS = 15
+TRAIN_SUBSET = 10_000
+
+TEACHERS = {  # key -> the recipe that trains it (its `student` section is the teacher's model)
+    "cnn": "study_cnn_teacher.yaml",
+    "vit": "study_vit_teacher.yaml",
+    "inn": "study_inn_teacher.yaml",
+}
+
+DATA = {"dataset": "imagefolder", "val_dir": "test", "img_size": 32, "train_subset": TRAIN_SUBSET,
+        "mean": [0.4914, 0.4822, 0.4465], "std": [0.2470, 0.2435, 0.2616],
+        "augment": {"scale": [0.35, 1.0], "color_jitter": None}}
+SGD = {"optimizer": "sgd", "lr": 0.1, "weight_decay": 5e-4, "schedule": "cosine", "warmup_epochs": 1,
+       "batch_size": 128, "amp": "auto"}
+ADAMW = {"optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.05, "schedule": "cosine", "warmup_epochs": 1,
+         "min_lr": 1e-5, "batch_size": 128, "clip_grad": 1.0, "amp": "auto"}
+VIT_STUDENT = {"name": "libkd_nano_patch4_32", "kwargs": {"head_fusion": "mean"}}
+CIT_STUDENT = {"name": "cit_nano_patch4_32", "kwargs": {}}
+
+PAIRS: dict[str, dict[str, Any]] = {
+    "vit_to_cnn": {
+        "title": "transformer -> CNN", "student": {"name": "resnet10t", "kwargs": {"channels": [16, 32, 64, 128]}},
+        "optim": SGD,
+        "methods": {
+            "none": {},
+            "none_2x": {"epochs": 2 * EPOCHS},
+            "kd": {"teachers": ["vit"], "distill": {"method": "kd", "temperature": 4.0, "alpha": 0.9}},
+            "capkd": {"teachers": ["vit"], "distill": {"method": "capkd"}},
+        },
+    },
+    "cnn_to_vit": {
+        "title": "CNN (+ involution) -> tiny ViT", "student": VIT_STUDENT, "optim": ADAMW,
+        "methods": {
+            "none": {},
+            "none_2x": {"epochs": 2 * EPOCHS},
+            "deit": {"teachers": ["cnn"], "distill": {"method": "deit", "distillation_type": "hard"}},
+            "libkd": {"teachers": ["cnn", "inn"], "distill": {"method": "libkd"}},
+            "cskd": {"teachers": ["cnn"], "distill": {"method": "cskd"}},
+            "none_cit": {"student": CIT_STUDENT},
+            "cit": {"student": CIT_STUDENT, "teachers": ["cnn", "inn"], "distill": {"method": "cit"}},
+        },
+    },
+}
+BASELINE = {"cit": "none_cit"}  # a method compared with another no-teacher row than `none` (its own student)
+
+
+# ------------------------------------------------------------------------------------------------ teachers
+def load_manifest() -> dict[str, Any]:
+    return json.loads(MANIFEST.read_text()) if MANIFEST.exists() else {}
+
+
+def teacher_spec(key: str) -> dict[str, Any]:
+    """The teacher's model section for a student recipe, pointing at its committed checkpoint."""
+    entry = load_manifest()[key]
+    return {"name": entry["model"]["name"], "kwargs": entry["model"]["kwargs"],
+            "checkpoint": str(TEACHERS_DIR / entry["file"])}
+
+
+def ensure_teacher(key: str, data_root: Path, run_root: Path) -> dict[str, Any]:
+    """The committed teacher if its file matches its sha256; otherwise train it with its recipe and commit-ready
+    write an fp16 copy of its weights (the same checkpoint format as any run's student.pt)."""
+    entry = load_manifest().get(key)
+    if entry and (TEACHERS_DIR / entry["file"]).exists() and sha256(TEACHERS_DIR / entry["file"]) == entry["sha256"]:
+        return entry
+    recipe = RECIPES / TEACHERS[key]
+    run_dir = run_root / "teachers" / key
+    overrides = [f"data.root={data_root}", f"output.dir={run_dir}"]
+    train(recipe, run_dir, overrides)
+    student = load_checkpoint(run_dir / STUDENT)
+    history = student["history"]
+    student["state_dict"] = {k: v.half() if v.is_floating_point() else v for k, v in student["state_dict"].items()}
+    student["precision"] = "fp16 copy of the run's FP32 student.pt"
+    student.pop("history")
+    TEACHERS_DIR.mkdir(parents=True, exist_ok=True)
+    path = TEACHERS_DIR / f"{key}.pt"
+    atomic_save(student, path)
+    entry = {"file": path.name, "sha256": sha256(path), "bytes": path.stat().st_size, "model": student["model"],
+             "recipe": f"recipes/{TEACHERS[key]}",
+             "command": f"kd2deploy train recipes/{TEACHERS[key]} {' '.join(overrides)}",
+             "val_top1": history[-1]["val_top1"], "val_images": history[-1]["val_images"],
+             "epochs": len(history), "train_s": round(sum(row["epoch_s"] for row in history), 1),
+             "machine": training_machine()}
+    manifest = load_manifest()
+    manifest[key] = entry
+    atomic_write_text(MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
+    return entry
+
+
+# ------------------------------------------------------------------------------------------------ runs
+def train(recipe: Path, run_dir: Path, overrides: list[str]) -> None:
+    """`kd2deploy train` in a fresh process, resuming the run folder's checkpoint when there is one."""
+    cmd = [sys.executable, "-m", "kd2deploy", "train", str(recipe), *overrides]
+    if (run_dir / "last.pt").exists():
+        cmd.append("--resume")
+    subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def student_recipe(pair: str, method: str, seed: int, data_root: Path, run_dir: Path) -> dict[str, Any]:
+    spec, row = PAIRS[pair], PAIRS[pair]["methods"][method]
+    return {
+        "name": f"{STUDY}_{pair}_{method}_seed{seed}",
+        "description": f"{STUDY}: {spec['title']}, {method}, seed {seed} (written by bench/study_cifar10.py)",
+        "data": {**DATA, "root": str(data_root)},
+        "teachers": [teacher_spec(key) for key in row.get("teachers", [])],
+        "student": row.get("student", spec["student"]),
+        "distill": row.get("distill", {"method": "none"}),
+        "optim": {**spec["optim"], "epochs": row.get("epochs", EPOCHS), "seed": seed},
+        "output": {"dir": str(run_dir), "tensorboard": False},
+    }
+
+
+def predictions(checkpoint: Path, model: dict[str, Any], data: dict[str, Any]) -> list[int]:
+    """Top-1 class of every test image (FP32, the eval transform)."""
+    import torch
+
+    from kd2deploy.data import eval_loader, val_dataset
+    from kd2deploy.models import create_model
+    from kd2deploy.recipe import DataConfig
+
+    net = create_model(model["name"], 10, checkpoint=checkpoint, kwargs=model.get("kwargs")).eval()
+    out: list[int] = []
+    with torch.no_grad():
+        for images, _, _ in eval_loader(val_dataset(DataConfig(**data)), 500, 2):
+            out += net(images).argmax(dim=-1).tolist()
+    return out
+
+
+def run_row(pair: str, method: str, seed: int, data_root: Path, run_root: Path,
+            teacher_preds: dict[str, list[int]]) -> dict[str, Any]:
+    run_dir = run_root / pair / method / f"seed{seed}"
+    raw = student_recipe(pair, method, seed, data_root, run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    recipe = run_dir / "study_recipe.yaml"
+    atomic_write_text(recipe, yaml.safe_dump(raw, sort_keys=False))
+    busy = busy_cores_elsewhere()
+    started = time.perf_counter()
+    train(recipe, run_dir, [])
+    with open(run_dir / "metrics.csv") as f:
+        history = list(csv.DictReader(f))
+    keys = PAIRS[pair]["methods"][method].get("teachers", [])
+    student_preds = predictions(run_dir / STUDENT, raw["student"], raw["data"])
+    manifest = load_manifest()
+    return {
+        "pair": pair, "method": method, "seed": seed, "epochs": len(history),
+        "val_top1": float(history[-1]["val_top1"]),
+        "s_per_epoch": round(statistics.mean(float(r["epoch_s"]) for r in history), 2),
+        "teacher_top1": manifest[keys[0]]["val_top1"] if keys else None,
+        "student": raw["student"], "teachers": keys, "distill": raw["distill"],
+        "train_images": TRAIN_SUBSET, "val_images": int(float(history[-1]["val_images"])),
+        # evidence for the reading: per-epoch loss terms and test-set top-1 agreement with each teacher
+        "loss_terms": {k: [round(float(r[k]), 4) for r in history] for k in history[0] if k.startswith("loss_")},
+        "val_top1_curve": [round(float(r["val_top1"]), 2) for r in history],
+        "agreement": {k: round(100 * sum(a == b for a, b in zip(student_preds, teacher_preds[k], strict=True))
+                               / len(student_preds), 2) for k in keys},
+        "wall_s": round(time.perf_counter() - started, 1),
+        "busy_cores_at_start": round(busy, 2),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ results
+def load_results() -> dict[str, Any]:
+    path = RESULTS / f"{STUDY}.json"
+    return json.loads(path.read_text()) if path.exists() else {"rows": []}
+
+
+def save_results(results: dict[str, Any]) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(RESULTS / f"{STUDY}.json", json.dumps(results, indent=2, default=str) + "\n")
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["pair"], row["method"]), []).append(row)
+    out = {}
+    for key, group in groups.items():
+        top1 = [r["val_top1"] for r in group]
+        out[key] = {"n": len(top1), "mean": statistics.mean(top1),
+                    "std": statistics.stdev(top1) if len(top1) > 1 else float("nan"),
+                    "s_per_epoch": statistics.mean(r["s_per_epoch"] for r in group), "rows": group}
+    return out
+
+
+def markdown(results: dict[str, Any]) -> str:
+    stats = summarise(results["rows"])
+    ctx = results.get("context", {})
+    lines = ["# Distillation study, CIFAR-10 (CPU budget)", "",
+             f"Command: `{results.get('command', 'python bench/study_cifar10.py')}`  ",
+             f"Machine: {ctx.get('cpu', '?')}, {ctx.get('cores', '?')} cores, GPU: {ctx.get('gpu') or 'none'}; "
+             f"torch {ctx.get('versions', {}).get('torch', '?')}, timm {ctx.get('versions', {}).get('timm', '?')}. "
+             f"Students: {EPOCHS} epochs (none_2x: {2 * EPOCHS}) on a seeded {TRAIN_SUBSET:,}-image subset of the "
+             "50,000 training images, top-1 on the 10,000 test images, bf16 autocast where the CPU has it; "
+             "each run alone on the machine unless `busy_cores_at_start` in the JSON says otherwise. "
+             "Mean ± std over seeds; Δ is against the pair's no-teacher row of the same student.", ""]
+    manifest = load_manifest()
+    lines += ["| teacher | model | test top-1 % | training |", "|---|---|---:|---|"]
+    for key, entry in manifest.items():
+        lines.append(f"| {key} | {entry['model']['name']} {entry['model']['kwargs']} | {entry['val_top1']:.2f} | "
+                     f"{entry['epochs']} epochs, {entry['train_s'] / 60:.0f} min (`{entry['recipe']}`) |")
+    for pair, spec in PAIRS.items():
+        lines += ["", f"## {spec['title']} (`{pair}`)", "",
+                  "| method | seeds | val top-1 % | Δ vs no teacher | beats it by more than the noise | s / epoch | "
+                  "top-1 agreement with teacher % |", "|---|---:|---:|---:|---|---:|---:|"]
+        for method in spec["methods"]:
+            s = stats.get((pair, method))
+            if s is None:
+                lines.append(f"| {method} | 0 | not run yet | | | | |")
+                continue
+            base = stats.get((pair, BASELINE.get(method, "none")))
+            delta, verdict = "", ""
+            if base is not None and not method.startswith("none"):
+                d = s["mean"] - base["mean"]
+                noise = max(s["std"], base["std"])
+                delta = f"{d:+.2f}"
+                verdict = "yes" if d > noise else "no"
+            agreement = [a for r in s["rows"] for a in r["agreement"].values()]
+            agree = f"{statistics.mean(agreement):.1f}" if agreement else ""
+            lines.append(f"| {method} | {s['n']} | {s['mean']:.2f} ± {s['std']:.2f} | {delta} | {verdict} | "
+                         f"{s['s_per_epoch']:.0f} | {agree} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stats = summarise(results["rows"])
+    fig, axes = plt.subplots(1, len(PAIRS), figsize=(6 * len(PAIRS), 4), squeeze=False)
+    for ax, (pair, spec) in zip(axes[0], PAIRS.items(), strict=True):
+        methods = [m for m in spec["methods"] if (pair, m) in stats]
+        means = [stats[(pair, m)]["mean"] for m in methods]
+        stds = [0 if stats[(pair, m)]["n"] < 2 else stats[(pair, m)]["std"] for m in methods]
+        colours = ["tab:grey" if m.startswith("none") else "tab:blue" for m in methods]
+        ax.bar(methods, means, yerr=stds, capsize=4, color=colours)
+        if (pair, "none") in stats:
+            ax.axhline(stats[(pair, "none")]["mean"], color="black", lw=0.8, ls="--", label="none (mean)")
+            ax.legend(loc="lower right")
+        if means:
+            ax.set_ylim(min(means) - 5, max(means) + 3)
+        ax.set_title(spec["title"])
+        ax.set_ylabel("test top-1 % (mean ± std over seeds)")
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(results: dict[str, Any]) -> None:
+    atomic_write_text(RESULTS / f"{STUDY}.md", markdown(results))
+    plot(results, RESULTS / f"{STUDY}.png")
+
+
+def commit(message: str) -> None:
+    paths = [str(RESULTS / f"{STUDY}.{ext}") for ext in ("json", "md", "png")] + [str(TEACHERS_DIR)]
+    subprocess.run(["git", "add", *paths], cwd=ROOT, check=True)
+    subprocess.run(["git", "commit", "-q", "-m", message], cwd=ROOT, check=False)
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path("data/cifar10-jpeg"), help="CIFAR-10 JPEG root")
+    parser.add_argument("--runs", type=Path, default=Path("runs/study"), help="where the run folders go")
+    parser.add_argument("--pairs", nargs="*", default=list(PAIRS), choices=list(PAIRS))
+    parser.add_argument("--methods", nargs="*", default=None, help="only these methods (default: all)")
+    parser.add_argument("--seeds", nargs="*", type=int, default=list(SEEDS))
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="start no new run after this many minutes (a part of the study)")
+    parser.add_argument("--commit", action="store_true", help="git-commit the results after every finished run")
+    parser.add_argument("--report", action="store_true", help="only rewrite the tables and plot")
+    args = parser.parse_args()
+    results = load_results()
+    if not args.report:
+        started = time.perf_counter()
+        results["command"] = "python bench/study_cifar10.py"
+        results["context"] = training_machine()
+        results["pairs"] = {pair: {"title": spec["title"], "student": spec["student"],
+                                   "teachers": sorted({k for m in spec["methods"].values()
+                                                       for k in m.get("teachers", [])})}
+                            for pair, spec in PAIRS.items()}
+        done = {(r["pair"], r["method"], r["seed"]) for r in results["rows"]}
+        teacher_preds: dict[str, list[int]] = {}
+        data = {**DATA, "root": str(args.data)}
+        for seed in args.seeds:
+            for pair in args.pairs:
+                for method, row in PAIRS[pair]["methods"].items():
+                    if (pair, method, seed) in done or (args.methods and method not in args.methods):
+                        continue
+                    if args.max_minutes and time.perf_counter() - started > 60 * args.max_minutes:
+                        print(f"--max-minutes {args.max_minutes} reached; run the command again to continue")
+                        report(results)
+                        return
+                    for key in row.get("teachers", []):
+                        entry = ensure_teacher(key, args.data, args.runs)
+                        if key not in teacher_preds:
+                            teacher_preds[key] = predictions(TEACHERS_DIR / entry["file"], entry["model"], data)
+                    results["rows"].append(run_row(pair, method, seed, args.data, args.runs, teacher_preds))
+                    save_results(results)
+                    report(results)
+                    if args.commit:
+                        commit(f"study_cifar10: {pair} {method} seed {seed}")
+    report(results)
+    print((RESULTS / f"{STUDY}.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
