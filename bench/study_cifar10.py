@@ -105,15 +105,15 @@ def teacher_spec(key: str) -> dict[str, Any]:
             "checkpoint": str(TEACHERS_DIR / entry["file"])}
 
 
-def ensure_teacher(key: str, data_root: Path, run_root: Path) -> dict[str, Any]:
-    """The committed teacher if its file matches its sha256; otherwise train it with its recipe and commit-ready
-    write an fp16 copy of its weights (the same checkpoint format as any run's student.pt)."""
+def ensure_teacher(key: str, data_root: Path) -> dict[str, Any]:
+    """The committed teacher if its file matches its sha256; otherwise train it with its recipe (resuming its run
+    folder) and write an fp16 copy of its weights, in the same checkpoint format as any run's student.pt."""
     entry = load_manifest().get(key)
     if entry and (TEACHERS_DIR / entry["file"]).exists() and sha256(TEACHERS_DIR / entry["file"]) == entry["sha256"]:
         return entry
     recipe = RECIPES / TEACHERS[key]
-    run_dir = run_root / "teachers" / key
-    overrides = [f"data.root={data_root}", f"output.dir={run_dir}"]
+    run_dir = ROOT / yaml.safe_load(recipe.read_text())["output"]["dir"]  # the recipe's own folder: CLI runs count
+    overrides = [f"data.root={data_root}"]
     train(recipe, run_dir, overrides)
     student = load_checkpoint(run_dir / STUDENT)
     history = student["history"]
@@ -342,7 +342,7 @@ def main() -> None:
                         report(results)
                         return
                     for key in row.get("teachers", []):
-                        entry = ensure_teacher(key, args.data, args.runs)
+                        entry = ensure_teacher(key, args.data)
                         if key not in teacher_preds:
                             teacher_preds[key] = predictions(TEACHERS_DIR / entry["file"], entry["model"], data)
                     results["rows"].append(run_row(pair, method, seed, args.data, args.runs, teacher_preds))
