@@ -20,6 +20,7 @@ machine, and continues where it stopped. Rows are run seed by seed, so an unfini
     mkdir -p data/cifar10-jpeg && tar -xzf ../shared/data/cifar10/cifar10-jpeg.tar.gz -C data/cifar10-jpeg
     python bench/study_cifar10.py                      # everything missing, then the tables and plot
     python bench/study_cifar10.py --pairs vit_to_cnn --max-minutes 110 --commit   # one part of about two hours
+    python bench/study_cifar10.py --teachers-only --commit   # first part: the three teachers (about 2 hours)
     python bench/study_cifar10.py --report             # only rewrite the .md and .png from the .json
 """
 from __future__ import annotations
@@ -64,7 +65,7 @@ SGD = {"optimizer": "sgd", "lr": 0.1, "weight_decay": 5e-4, "schedule": "cosine"
 ADAMW = {"optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.05, "schedule": "cosine", "warmup_epochs": 1,
          "min_lr": 1e-5, "batch_size": 128, "clip_grad": 1.0, "amp": "auto"}
 VIT_STUDENT = {"name": "libkd_nano_patch4_32", "kwargs": {"head_fusion": "mean"}}
-CIT_STUDENT = {"name": "cit_nano_patch4_32", "kwargs": {}}
+CIT_STUDENT = {"name": "cit_nano_patch4_32", "kwargs": {}}  # head_fusion: cls, the CiT paper's inference
 
 PAIRS: dict[str, dict[str, Any]] = {
     "vit_to_cnn": {
@@ -84,7 +85,8 @@ PAIRS: dict[str, dict[str, Any]] = {
             "none_2x": {"epochs": 2 * EPOCHS},
             "deit": {"teachers": ["cnn"], "distill": {"method": "deit", "distillation_type": "hard"}},
             "libkd": {"teachers": ["cnn", "inn"], "distill": {"method": "libkd"}},
-            "cskd": {"teachers": ["cnn"], "distill": {"method": "cskd"}},
+            "cskd": {"teachers": ["cnn"], "distill": {"method": "cskd"},  # the authors' inference fusion
+                     "student": {"name": "libkd_nano_patch4_32", "kwargs": {"head_fusion": "cls_dist_dense"}}},
             "none_cit": {"student": CIT_STUDENT},
             "cit": {"student": CIT_STUDENT, "teachers": ["cnn", "inn"], "distill": {"method": "cit"}},
         },
@@ -319,7 +321,16 @@ def main() -> None:
                         help="start no new run after this many minutes (a part of the study)")
     parser.add_argument("--commit", action="store_true", help="git-commit the results after every finished run")
     parser.add_argument("--report", action="store_true", help="only rewrite the tables and plot")
+    parser.add_argument("--teachers-only", action="store_true",
+                        help="only train (or verify) the teachers and write their fp16 checkpoints")
     args = parser.parse_args()
+    if args.teachers_only:
+        for key in TEACHERS:
+            entry = ensure_teacher(key, args.data)
+            print(f"{key}: {entry['model']['name']} {entry['val_top1']:.2f}% ({entry['file']}, {entry['sha256']})")
+        if args.commit:
+            commit("study_cifar10: teachers")
+        return
     results = load_results()
     if not args.report:
         started = time.perf_counter()
