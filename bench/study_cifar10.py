@@ -304,8 +304,8 @@ def report(results: dict[str, Any]) -> None:
 
 
 def commit(message: str) -> None:
-    paths = [str(RESULTS / f"{STUDY}.{ext}") for ext in ("json", "md", "png")] + [str(TEACHERS_DIR)]
-    subprocess.run(["git", "add", *paths], cwd=ROOT, check=True)
+    paths = [RESULTS / f"{STUDY}.{ext}" for ext in ("json", "md", "png")] + [TEACHERS_DIR]
+    subprocess.run(["git", "add", *(str(p) for p in paths if p.exists())], cwd=ROOT, check=True)
     subprocess.run(["git", "commit", "-q", "-m", message], cwd=ROOT, check=False)
 
 
@@ -328,8 +328,8 @@ def main() -> None:
         for key in TEACHERS:
             entry = ensure_teacher(key, args.data)
             print(f"{key}: {entry['model']['name']} {entry['val_top1']:.2f}% ({entry['file']}, {entry['sha256']})")
-        if args.commit:
-            commit("study_cifar10: teachers")
+            if args.commit:
+                commit(f"study_cifar10: the {key} teacher")
         return
     results = load_results()
     if not args.report:
