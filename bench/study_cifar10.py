@@ -249,7 +249,10 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {key} | {entry['model']['name']} {entry['model']['kwargs']} | {entry['val_top1']:.2f} | "
                      f"{entry['epochs']} epochs, {entry['train_s'] / 60:.0f} min (`{entry['recipe']}`) |")
     for pair, spec in PAIRS.items():
+        teachers = sorted({k for m in spec["methods"].values() for k in m.get("teachers", [])})
         lines += ["", f"## {spec['title']} (`{pair}`)", "",
+                  f"Student: `{spec['student']['name']}` {spec['student']['kwargs']} (the CiT rows: "
+                  f"`{CIT_STUDENT['name']}`); teachers: {', '.join(teachers)}; optimiser: {spec['optim']}.", "",
                   "| method | seeds | val top-1 % | Δ vs no teacher | beats it by more than the noise | s / epoch | "
                   "top-1 agreement with teacher % |", "|---|---:|---:|---:|---|---:|---:|"]
         for method in spec["methods"]:
@@ -261,9 +264,8 @@ def markdown(results: dict[str, Any]) -> str:
             delta, verdict = "", ""
             if base is not None and not method.startswith("none"):
                 d = s["mean"] - base["mean"]
-                noise = max(s["std"], base["std"])
                 delta = f"{d:+.2f}"
-                verdict = "yes" if d > noise else "no"
+                verdict = ("yes" if d > max(s["std"], base["std"]) else "no") if min(s["n"], base["n"]) > 1 else "-"
             agreement = [a for r in s["rows"] for a in r["agreement"].values()]
             agree = f"{statistics.mean(agreement):.1f}" if agreement else ""
             lines.append(f"| {method} | {s['n']} | {s['mean']:.2f} ± {s['std']:.2f} | {delta} | {verdict} | "
