@@ -251,8 +251,10 @@ def markdown(results: dict[str, Any]) -> str:
     for pair, spec in PAIRS.items():
         teachers = sorted({k for m in spec["methods"].values() for k in m.get("teachers", [])})
         lines += ["", f"## {spec['title']} (`{pair}`)", "",
-                  f"Student: `{spec['student']['name']}` {spec['student']['kwargs']} (the CiT rows: "
-                  f"`{CIT_STUDENT['name']}`); teachers: {', '.join(teachers)}; optimiser: {spec['optim']}.", "",
+                  f"Student: `{spec['student']['name']}` {spec['student']['kwargs']}"
+                  + ("".join(sorted({f" (`{m}` rows: `{row['student']['name']}` {row['student']['kwargs']})"
+                                     for m, row in spec["methods"].items() if "student" in row})))
+                  + f"; teachers: {', '.join(teachers)}; optimiser: {spec['optim']}.", "",
                   "| method | seeds | val top-1 % | Δ vs no teacher | beats it by more than the noise | s / epoch | "
                   "top-1 agreement with teacher % |", "|---|---:|---:|---:|---|---:|---:|"]
         for method in spec["methods"]:
