@@ -219,6 +219,11 @@ def save_results(results: dict[str, Any]) -> None:
     atomic_write_text(RESULTS / f"{STUDY}.json", json.dumps(results, indent=2, default=str) + "\n")
 
 
+def pair_teachers(spec: dict[str, Any]) -> list[str]:
+    """The teacher keys any row of a pair uses."""
+    return sorted({k for m in spec["methods"].values() for k in m.get("teachers", [])})
+
+
 def summarise(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for row in rows:
@@ -249,7 +254,7 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {key} | {entry['model']['name']} {entry['model']['kwargs']} | {entry['val_top1']:.2f} | "
                      f"{entry['epochs']} epochs, {entry['train_s'] / 60:.0f} min (`{entry['recipe']}`) |")
     for pair, spec in PAIRS.items():
-        teachers = sorted({k for m in spec["methods"].values() for k in m.get("teachers", [])})
+        teachers = pair_teachers(spec)
         lines += ["", f"## {spec['title']} (`{pair}`)", "",
                   f"Student: `{spec['student']['name']}` {spec['student']['kwargs']}"
                   + ("".join(sorted({f" (`{m}` rows: `{row['student']['name']}` {row['student']['kwargs']})"
@@ -341,8 +346,7 @@ def main() -> None:
         results["command"] = "python bench/study_cifar10.py"
         results["context"] = training_machine()
         results["pairs"] = {pair: {"title": spec["title"], "student": spec["student"],
-                                   "teachers": sorted({k for m in spec["methods"].values()
-                                                       for k in m.get("teachers", [])})}
+                                   "teachers": pair_teachers(spec)}
                             for pair, spec in PAIRS.items()}
         done = {(r["pair"], r["method"], r["seed"]) for r in results["rows"]}
         teacher_preds: dict[str, list[int]] = {}
