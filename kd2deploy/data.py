@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
-from torchvision import datasets
+from torchvision import datasets, transforms
+from torchvision.transforms import InterpolationMode
 
 from .cifar import CIFAR_MEAN, CIFAR_STD
 from .errors import UserError
@@ -75,9 +76,19 @@ def train_transform(cfg: DataConfig, info: DataInfo):
     aug = cfg.augment
     if not aug.enabled:
         return eval_transform(info)
-    return create_transform(info.img_size, is_training=True, scale=aug.scale, ratio=aug.ratio, hflip=aug.hflip,
-                            color_jitter=aug.color_jitter, auto_augment=aug.auto_augment, re_prob=aug.re_prob,
-                            interpolation=info.interpolation, mean=info.mean, std=info.std)
+    timm_stages = create_transform(info.img_size, is_training=True, scale=aug.scale, ratio=aug.ratio, hflip=aug.hflip,
+                                   color_jitter=aug.color_jitter, auto_augment=aug.auto_augment, re_prob=aug.re_prob,
+                                   interpolation=info.interpolation, mean=info.mean, std=info.std,
+                                   separate=aug.crop == "padded")
+    if aug.crop == "random_resized":
+        return timm_stages
+    # timm has no padded crop: replace its geometric stage, keep its photometric and final stages
+    size = info.img_size
+    geometric = transforms.Compose([
+        transforms.Resize((size, size), interpolation=InterpolationMode(info.interpolation)),
+        transforms.RandomCrop(size, padding=aug.padding, padding_mode="reflect"),
+        transforms.RandomHorizontalFlip(aug.hflip)])
+    return transforms.Compose([geometric, *timm_stages[1:]])
 
 
 def _default_stats(dataset: str) -> tuple[tuple, tuple]:

@@ -31,6 +31,11 @@ class AugmentConfig(Section):
     """Training augmentation, built by timm.data.create_transform and timm.data.Mixup."""
 
     enabled: bool = Field(True, description="false trains on the eval transform (no randomness)")
+    crop: Literal["random_resized", "padded"] = Field(
+        "random_resized", description="random_resized: timm's RandomResizedCrop over scale and ratio; padded: the "
+                                      "CIFAR rule, reflect-pad by `padding` pixels and crop img_size at random "
+                                      "(scale and ratio unused)")
+    padding: int = Field(4, ge=0, description="pixels of reflect padding on each side for crop: padded")
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: float = Field(0.5, ge=0, le=1)

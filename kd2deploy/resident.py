@@ -7,7 +7,8 @@ CPU the loader processes take the cores the training step needs. A CIFAR-sized s
 
 - **What it covers.** Random-resized crop (timm's sampling rule: ten tries of area and log-ratio, then the
   centre crop) with bilinear resampling (`torchvision.ops.roi_align`, half-pixel centres; it averages several samples
-  per output pixel when it shrinks a crop), horizontal flip and normalisation. Images must all have one size
+  per output pixel when it shrinks a crop), the padded crop (reflect padding, integer shifts: exact pixels, for images
+  already `img_size`), horizontal flip and normalisation. Images must all have one size
   (CIFAR, the mini set, uniform ImageFolders). Colour jitter, auto-augment, random erasing and other interpolations
   stay on the loader path: `data.on_device: auto` falls back to it and says why; `true` refuses with the field.
 - **Pixels.** The same crops and flips as the loader path draws, but resampled by roi_align instead of PIL: the same
@@ -59,6 +60,8 @@ def decision(cfg: DataConfig, raw: Dataset, device: torch.device) -> tuple[bool,
     size_mb = len(raw) * first.size / 2**20
     if not cfg.augment.enabled and not eval_is_normalise_only(cfg, first.shape[:2]):
         blockers.append("data.augment.enabled: false with an eval transform that resizes")
+    if cfg.augment.enabled and cfg.augment.crop == "padded" and first.shape[:2] != (cfg.img_size, cfg.img_size):
+        blockers.append("data.augment.crop: padded on images that are not img_size")
     if not blockers and size_mb > cfg.on_device_limit_mb:
         blockers = [f"the decoded set ({size_mb:,.0f} MB) exceeds data.on_device_limit_mb "
                     f"({cfg.on_device_limit_mb:,} MB)"]
@@ -156,11 +159,31 @@ def sample_crops(n: int, height: int, width: int, scale: tuple[float, float], ra
     return torch.stack([top, left, crop_h, crop_w, flip], dim=1)
 
 
-def render(pixels: Tensor, boxes: Tensor, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
+def sample_shifts(n: int, height: int, width: int, padding: int, hflip: float) -> Tensor:
+    """(n, 5) boxes of the padded crop: torchvision's RandomCrop(padding) rule, a whole-image box shifted by up to
+    `padding` pixels each way (its outside is the reflect padding that `render` adds)."""
+    top, left = (torch.randint(-padding, padding + 1, (n,)).float() for _ in range(2))
+    flip = (torch.rand(n) < hflip).float()
+    return torch.stack([top, left, torch.full((n,), float(height)), torch.full((n,), float(width)), flip], dim=1)
+
+
+def sample_boxes(n: int, height: int, width: int, cfg: DataConfig) -> Tensor:
+    aug = cfg.augment
+    if aug.crop == "padded":
+        return sample_shifts(n, height, width, aug.padding, aug.hflip)
+    return sample_crops(n, height, width, aug.scale, aug.ratio, aug.hflip)
+
+
+def render(pixels: Tensor, boxes: Tensor, size: int, mean: tuple[float, ...], std: tuple[float, ...],
+           padding: int = 0) -> Tensor:
     """Normalised float views (n, 3, size, size) of uint8 images (n, 3, H, W) cropped at `boxes` (n, 5: top, left,
-    height, width, flip), bilinear with half-pixel centres, then flipped where flip is 1."""
+    height, width, flip), bilinear with half-pixel centres, then flipped where flip is 1. With `padding`, the images
+    are first reflect-padded by that many pixels (boxes stay in unpadded coordinates)."""
     images = pixels.float().div_(255)
     boxes = boxes.to(images.device, torch.float32)
+    if padding:
+        images = torch.nn.functional.pad(images, (padding,) * 4, mode="reflect")
+        boxes = boxes + torch.tensor([padding, padding, 0, 0, 0], device=images.device, dtype=torch.float32)
     top, left, height, width, flip = boxes.unbind(1)
     rois = torch.stack([torch.arange(len(images), device=images.device, dtype=torch.float32),
                         left, top, left + width, top + height], dim=1)
@@ -210,8 +233,8 @@ def augmenting_batches(images: ResidentImages, cfg: DataConfig, mean: tuple[floa
         pixels = images.pixels[indices.to(images.pixels.device)]
         if not aug.enabled:
             return normalise(pixels, mean, std), indices
-        boxes = sample_crops(len(indices), height, width, aug.scale, aug.ratio, aug.hflip)
-        return render(pixels, boxes, cfg.img_size, mean, std), indices
+        boxes = sample_boxes(len(indices), height, width, cfg)
+        return render(pixels, boxes, cfg.img_size, mean, std, crop_padding(cfg)), indices
     return make_batch
 
 
@@ -223,8 +246,13 @@ def stored_view_batches(images: ResidentImages, views: Any, cfg: DataConfig, mea
         pixels = images.pixels[indices.to(images.pixels.device)]
         if not cfg.augment.enabled:  # one view per image: the eval transform, which only normalises here
             return normalise(pixels, mean, std), view_ids
-        return render(pixels, boxes, cfg.img_size, mean, std), view_ids
+        return render(pixels, boxes, cfg.img_size, mean, std, crop_padding(cfg)), view_ids
     return make_batch
+
+
+def crop_padding(cfg: DataConfig) -> int:
+    """The reflect padding `render` adds under this recipe's crop rule."""
+    return cfg.augment.padding if cfg.augment.crop == "padded" else 0
 
 
 def eval_is_normalise_only(cfg: DataConfig, image_size: tuple[int, int]) -> bool:

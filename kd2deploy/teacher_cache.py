@@ -1,12 +1,12 @@
 """Teacher-output cache: teacher outputs computed once, stored memory-mapped on disk, reused across epochs and runs.
 
 Correct under augmentation the FKD way (Shen & Xing, "A Fast Knowledge Distillation Framework for Visual
-Recognition", ECCV 2022): for every training image, K random-resized-crop + flip views are drawn once, their
-parameters are stored, and the teacher outputs are computed on exactly those views. In training, epoch e shows
-image i its view (e + offset_i) mod K, re-rendered from the stored parameters, and the dataset hands out the view's
-id, so the student always gets the outputs of the very pixels it sees. With `data.augment.enabled: false` there is
-one view per image (the eval transform). Photometric augmentations, random erasing and mixup/cutmix would change
-the pixels after the teacher saw them, so a recipe with them and a cache is refused.
+Recognition", ECCV 2022): for every training image, K crop + flip views (random-resized or padded) are drawn
+once, their parameters are stored, and the teacher outputs are computed on exactly those views. In training, epoch
+e shows image i its view (e + offset_i) mod K, re-rendered from the stored parameters, and the dataset hands out the
+view's id, so the student always gets the outputs of the very pixels it sees. With `data.augment.enabled: false`
+there is one view per image (the eval transform). Photometric augmentations, random erasing and mixup/cutmix would
+change the pixels after the teacher saw them, so a recipe with them and a cache is refused.
 
 Layout: one folder per teacher under `teacher_cache.dir`, named by the cache key, the sha256 of everything that
 determines the outputs (the teacher's weights, model name and kwargs, the training images, the view transform and
@@ -43,7 +43,7 @@ from .distributed import DistEnv, barrier
 from .errors import UserError
 from .recipe import Recipe
 from .resident import RENDERER as RESIDENT_RENDERER
-from .resident import ResidentImages, normalise, render
+from .resident import ResidentImages, crop_padding, normalise, render
 
 FORMAT = 1
 DENSE_LAYOUT = "topk-logits+rest-mean"  # part of the key of dense caches: older layouts held probabilities
@@ -66,6 +66,7 @@ class ViewSpec:
     views: int
     seed: int
     renderer: str = "pil"  # "pil": timm/torchvision on PIL images; resident.RENDERER: batched on the device
+    padding: int = 0  # > 0: the padded crop (boxes shifted by up to this many pixels), not the random-resized one
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, info: DataInfo, renderer: str = "pil") -> ViewSpec:
@@ -73,7 +74,7 @@ class ViewSpec:
         return cls(img_size=info.img_size, interpolation=info.interpolation, mean=tuple(info.mean),
                    std=tuple(info.std), crop_pct=info.crop_pct, augment=aug.enabled, scale=tuple(aug.scale),
                    ratio=tuple(aug.ratio), hflip=aug.hflip, views=recipe.teacher_cache.views if aug.enabled else 1,
-                   seed=recipe.optim.seed, renderer=renderer)
+                   seed=recipe.optim.seed, renderer=renderer, padding=crop_padding(recipe.data))
 
     def draw(self, image: Any, image_index: int, view_index: int) -> np.ndarray:
         """(top, left, height, width, flip) of one view, from a generator seeded by (seed, image, view)."""
@@ -81,7 +82,11 @@ class ViewSpec:
             return np.zeros(5, dtype=np.float32)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(np.random.SeedSequence([self.seed, image_index, view_index]).generate_state(1)[0]))
-            top, left, height, width = RandomResizedCrop.get_params(image, list(self.scale), list(self.ratio))
+            if self.padding:  # in img_size coordinates, like data.train_transform's resize-then-pad
+                top, left = (int(torch.randint(-self.padding, self.padding + 1, ())) for _ in range(2))
+                height = width = self.img_size
+            else:
+                top, left, height, width = RandomResizedCrop.get_params(image, list(self.scale), list(self.ratio))
             flip = float(torch.rand(1).item() < self.hflip)
         return np.array([top, left, height, width, flip], dtype=np.float32)
 
@@ -90,8 +95,14 @@ class ViewSpec:
         if not self.augment:
             return _eval_transform(self)(image)
         top, left, height, width, flip = (int(v) for v in params)
-        view = TF.resized_crop(image, top, left, height, width, [self.img_size, self.img_size],
-                               interpolation=InterpolationMode(self.interpolation), antialias=True)
+        interpolation = InterpolationMode(self.interpolation)
+        if self.padding:
+            image = TF.pad(TF.resize(image, [self.img_size, self.img_size], interpolation, antialias=True),
+                           self.padding, padding_mode="reflect")
+            view = TF.crop(image, top + self.padding, left + self.padding, height, width)
+        else:
+            view = TF.resized_crop(image, top, left, height, width, [self.img_size, self.img_size],
+                                   interpolation=interpolation, antialias=True)
         if flip:
             view = TF.hflip(view)
         return TF.normalize(TF.to_tensor(view), list(self.mean), list(self.std))
@@ -364,7 +375,8 @@ class _ResidentViews:
                                                 for b, i in enumerate(index.tolist())]))
             repeated = pixels.repeat_interleave(k, dim=0)
             if self.spec.augment:
-                views = render(repeated, params.flatten(0, 1), self.spec.img_size, self.spec.mean, self.spec.std)
+                views = render(repeated, params.flatten(0, 1), self.spec.img_size, self.spec.mean, self.spec.std,
+                               self.spec.padding)
             else:
                 views = normalise(repeated, self.spec.mean, self.spec.std)
             yield views.unflatten(0, (len(index), k)), params, index

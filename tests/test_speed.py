@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import itertools
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ from kd2deploy.errors import UserError
 from kd2deploy.involution import _ShiftInvolution, involution, unfold_involution
 from kd2deploy.models import create_model
 from kd2deploy.recipe import load_recipe
+from kd2deploy.teacher_cache import ViewSpec
 
 CPU = torch.device("cpu")
 
@@ -185,6 +187,46 @@ def test_resident_validation_equals_the_eval_transform_exactly(tmp_path):
     expected = torch.stack([val[i][0] for i in range(64)])
     torch.testing.assert_close(batch, expected, rtol=0, atol=1e-6)
     assert targets.tolist() == [val[i][1] for i in range(64)] and indices.tolist() == list(range(64))
+
+
+def test_the_padded_crop_gives_the_loader_paths_exact_pixels(tmp_path):
+    """Each resident padded crop equals torchvision's RandomCrop(padding, reflect) on the same image and shift."""
+    recipe = _data_recipe(tmp_path, crop="padded", padding=4)
+    train, _, info = build_datasets(recipe.data, seed=0)
+    images = resident.ResidentImages.decode(train.dataset, CPU, num_workers=0)
+    torch.manual_seed(0)
+    boxes = resident.sample_boxes(400, 32, 32, recipe.data)
+    assert set(boxes[:, 0].tolist()) == set(range(-4, 5)) and set(boxes[:, 1].tolist()) == set(range(-4, 5))
+    assert (boxes[:, 2:4] == 32).all() and boxes[:, 4].mean().item() == pytest.approx(0.5, abs=0.1)
+    views = resident.render(images.pixels[:400], boxes, 32, info.mean, info.std, padding=4)
+    for i in (0, 7, 123):
+        top, left, _, _, flip = (int(v) for v in boxes[i])
+        padded = F.pad(images.pixels[i].float()[None], (4, 4, 4, 4), mode="reflect")[0]
+        expected = padded[:, top + 4:top + 36, left + 4:left + 36].div(255)
+        expected = expected.flip(-1) if flip else expected
+        mean, std = torch.tensor(info.mean).view(3, 1, 1), torch.tensor(info.std).view(3, 1, 1)
+        torch.testing.assert_close(views[i], (expected - mean) / std, rtol=0, atol=1e-5)
+    torch.manual_seed(0)  # the loader path's views are the same family: exact shifts of the reflect-padded image
+    for i in range(10):
+        view = train[i][0]
+        candidates = resident.render(images.pixels[i:i + 1].expand(162, -1, -1, -1), torch.tensor(
+            [[dy, dx, 32, 32, flip] for dy in range(-4, 5) for dx in range(-4, 5) for flip in (0, 1)],
+            dtype=torch.float32), 32, info.mean, info.std, padding=4)
+        assert min((candidate - view).abs().max().item() for candidate in candidates) < 1e-5
+
+
+def test_the_teacher_caches_padded_views_are_the_same_pixels_on_both_paths(tmp_path):
+    recipe = _data_recipe(tmp_path, crop="padded", padding=4)
+    train, _, info = build_datasets(recipe.data, seed=0)
+    spec = ViewSpec.from_recipe(recipe, info)
+    images = resident.ResidentImages.decode(train.dataset, CPU, num_workers=0)
+    params = np.stack([spec.draw(train.dataset[i][0], i, k) for i in range(6) for k in range(4)])
+    assert spec.padding == 4 and np.abs(params[:, :2]).max() <= 4 and (params[:, 2:4] == 32).all()
+    assert len({tuple(p) for p in params}) > 12  # seeded per (image, view): different shifts
+    pil_views = torch.stack([spec.render(train.dataset[i // 4][0], p) for i, p in enumerate(params)])
+    resident_views = resident.render(images.pixels[:6].repeat_interleave(4, 0), torch.from_numpy(params), 32,
+                                     info.mean, info.std, padding=spec.padding)
+    torch.testing.assert_close(resident_views, pil_views, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("augment, field", [({"color_jitter": 0.4}, "data.augment.color_jitter"),
