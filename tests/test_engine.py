@@ -17,9 +17,10 @@ from torch import nn
 
 from kd2deploy.checkpoint import load_checkpoint
 from kd2deploy.distill import Distiller, MethodParams, StepOutput, get_method_class, method_names, register_method
-from kd2deploy.engine import Trainer, load_student, train
 from kd2deploy.models import create_model
 from kd2deploy.recipe import load_recipe
+from kd2deploy.train.engine import Trainer, train
+from kd2deploy.train.student import load_student
 
 
 def _state(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -13,14 +13,11 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from .backends.base import INPUT_NAME, OUTPUT_NAME
-from .checkpoint import atomic_write
-from .data import CHANNELS, DataInfo
-from .errors import UserError
-
-# 18 is the opset torch's dynamo exporter (torchlib) is written in: higher opsets need a version-conversion pass
-# after export, and 18 already runs on every runtime kd2deploy targets (ONNX Runtime >= 1.14, OpenVINO, TensorRT 8.6+).
-OPSET = 18
+from ..backends.base import INPUT_NAME, OUTPUT_NAME
+from ..checkpoint import atomic_write
+from ..data.sources import CHANNELS, DataInfo
+from ..errors import UserError
+from .profiles import OPSET
 
 
 @contextlib.contextmanager
