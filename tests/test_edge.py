@@ -16,6 +16,7 @@ from kd2deploy.bench.accuracy import evaluate_target
 from kd2deploy.deploy.pipeline import export_run
 
 REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # builds a venv
 
 
 def run(*args: object, timeout: int = 600) -> subprocess.CompletedProcess:

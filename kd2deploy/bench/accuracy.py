@@ -20,7 +20,7 @@ def evaluate_target(path: Path, val_samples: int | None = None, console: Console
     """Top-1/top-5 of every deployable at `path` on its run's val split or on `val_dir`."""
     console = console or Console()
     path = Path(path)
-    model = resolve(path, val_samples, val_dir, console)
+    model = resolve(path, val_samples or None, val_dir, console)  # eval always scores: 0 means all
     results = []
     for deployable in model.deployables:
         with console.status(f"evaluating {deployable.name} on {len(model.images)} val images"):

@@ -17,6 +17,7 @@ from ..data.valset import EvalTransform, LabelledImages, image_folder, recorded_
 from ..deploy.manifest import (
     MANIFEST,
     Deployable,
+    artifact_deployable,
     data_config,
     load_manifest,
     manifest_deployables,
@@ -108,10 +109,11 @@ def _from_export(folder: Path, samples: int | None, val_dir: Path | None, consol
 def _from_artifact(path: Path, samples: int | None, val_dir: Path | None) -> ModelUnderTest:
     folder = next((p for p in path.parents if (p / MANIFEST).is_file()), path.parent)
     manifest = load_manifest(folder)
-    chosen = [d for d in manifest_deployables(folder, manifest) if d.path.resolve() == path.resolve()]
-    if not chosen:
+    records = [r for r in manifest["artifacts"] if (folder / r["file"]).resolve() == path.resolve()]
+    if not records:
         raise UserError(f"{path} is not listed in {folder / MANIFEST}. Give an artifact written by "
                         "`kd2deploy export`, inside its export folder.")
+    chosen = [artifact_deployable(folder, records[0])]  # checks this artifact's files only
     known = {k: manifest["model"][k] for k in ("params", "gflops") if k in manifest["model"]}
     return ModelUnderTest(manifest["model"]["name"], path.parent, chosen, list(manifest["input"]["shape"]), known,
                           manifest_val_set(manifest, folder, samples, val_dir))

@@ -2,13 +2,12 @@
 samplers and loaders."""
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
-
 import os
 import sys
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -76,6 +75,7 @@ class TolerantImageFolder(datasets.ImageFolder):
 
     def _record(self, path: str, why: str) -> None:
         if self.skip_log is not None:
+            self.skip_log.parent.mkdir(parents=True, exist_ok=True)  # decoding may start before the run folder exists
             with open(self.skip_log, "a") as f:
                 f.write(f"{path}\t{why}\n")
         if not self.warned:

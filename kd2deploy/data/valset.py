@@ -147,8 +147,9 @@ def image_folder(root: Path, class_names: Sequence[str], transform: EvalTransfor
 class _ArraysOnly(pickle.Unpickler):
     """An unpickler for CIFAR's python batches: dicts, lists, strings, bytes and numpy arrays, nothing else."""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+    ALLOWED = frozenset({("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                         ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+                         ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")})
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in self.ALLOWED:

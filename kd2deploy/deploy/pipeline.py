@@ -54,6 +54,7 @@ class ExportSource:
     model_spec: dict[str, Any]
     checkpoint: dict[str, str]  # {"path", "sha256"} of the student.pt the artifacts descend from
     complexity: dict[str, Any]  # params and GFLOPs per image, for the manifest and bench tables
+    recorded_in: Path  # the file the data section was read from (for messages)
     export_dir: Path | None = None  # set when building from an export folder
 
 
@@ -65,14 +66,15 @@ def load_source(source: Path) -> ExportSource:
                             "manifest). Re-export it from its run folder with `kd2deploy export RUN_DIR`.")
         return ExportSource(None, DataInfo.from_dict(manifest["data_info"]), manifest["data"], manifest["split_seed"],
                             manifest["model"], manifest["source_checkpoint"],
-                            {k: manifest["model"][k] for k in ("params", "gflops") if k in manifest["model"]}, source)
+                            {k: manifest["model"][k] for k in ("params", "gflops") if k in manifest["model"]},
+                            source / MANIFEST, source)
     student_path = student_checkpoint(source)
     model, ckpt = load_student(student_path)
     recipe = ckpt["recipe"]
     checkpoint = {"path": str(student_path.resolve()), "sha256": sha256(student_path)}
     info = DataInfo.from_dict(ckpt["data"])
     return ExportSource(model, info, recipe["data"], recipe["optim"]["seed"], ckpt["model"], checkpoint,
-                        model_complexity(model, (CHANNELS, info.img_size, info.img_size)))
+                        model_complexity(model, (CHANNELS, info.img_size, info.img_size)), student_path)
 
 
 # ----------------------------------------------------------------------------------------- verification
@@ -296,8 +298,7 @@ class ExportData:
 
 def export_data(plan: ExportPlan, calib_samples: int, val_samples: int) -> ExportData:
     source = plan.source
-    train, val, _ = build_datasets(data_config(source.data, Path(source.checkpoint["path"])), source.seed,
-                                   augment=False)
+    train, val, _ = build_datasets(data_config(source.data, source.recorded_in), source.seed, augment=False)
     return ExportData(random_subset(train, calib_samples, source.seed),
                       list(numpy_batches(spread_subset(val, val_samples), EVAL_BATCH)))
 
@@ -364,8 +365,11 @@ def export_run(source_path: Path, out_dir: Path | None = None, formats: Sequence
         stage = Path(staging)
         onnx_details = write_onnx(plan, stage, console)
         records, skipped, unavailable = build_artifacts(plan, data, stage, max_drop, console)
+        fp32_onnx = next((r for r in records if r["file"] == FP32_ONNX), None)
+        if fp32_onnx is None:  # nothing can be verified without the ONNX graph's runtime
+            raise BackendUnavailable(" ".join(unavailable) + " Nothing was written.")
         if onnx_details is not None:
-            next(r for r in records if r["file"] == FP32_ONNX).update(onnx_details)
+            fp32_onnx.update(onnx_details)
         samples = sum(len(y) for _, y in data.val_batches)
         with console.status(f"verifying {len(records)} artifacts on {samples} val images"):
             reference = (PyTorchBackend(plan.source.model) if plan.source.model is not None

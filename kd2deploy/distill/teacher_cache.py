@@ -220,7 +220,8 @@ def dataset_digest(images: Dataset) -> dict[str, Any]:
         for i in order:
             digest.update(np.ascontiguousarray(data[i]).tobytes())
             digest.update(str(targets[i]).encode())
-    return {"type": type(images).__name__, "root": str(getattr(images, "root", "")), "count": len(order),
+    kind = next(c.__name__ for c in type(images).__mro__ if not c.__module__.startswith("kd2deploy"))
+    return {"type": kind, "root": str(getattr(images, "root", "")), "count": len(order),
             "sha256": digest.hexdigest()}
 
 

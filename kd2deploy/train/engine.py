@@ -37,7 +37,7 @@ from ..distill.teacher_cache import prepare_teacher_cache
 from ..distributed import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown
 from ..errors import UserError
 from ..models import create_model
-from ..recipe import Recipe, check_files, distill_params
+from ..recipe import Recipe, check_files, distill_params, migrate_data_section
 from .acceleration import Acceleration
 from .evaluate import evaluate
 from .timing import PhaseClock
@@ -181,6 +181,10 @@ class Trainer:
         state = load_checkpoint(last)
         if not isinstance(state, dict) or state.get("format") != RUN_FORMAT:
             raise UserError(f"{last} is not a kd2deploy run checkpoint. Remove it or pick another `output.dir`.")
+        saved_data = state["recipe"]["data"]
+        if "split_rng" not in saved_data:  # recorded before kd2deploy 0.2: keep the split it trained on
+            state["recipe"]["data"] = migrate_data_section(saved_data)
+            self.recipe.data.split_rng = state["recipe"]["data"]["split_rng"]
         self._warn_recipe_changes(state["recipe"])
         return state
 
@@ -208,11 +212,12 @@ class Trainer:
         """One warning for the unreadable images the image folders left out, and their list in the run folder
         (which decode failures met during training are appended to)."""
         skipped = skipped_images(self.train_set.dataset, self.val_set.dataset)
-        path = self.run_dir / SKIPPED_FILE
         if not skipped:
-            path.unlink(missing_ok=True)
             return
-        atomic_write_text(path, "".join(f"{p}\t{why}\n" for p, why in skipped))
+        path = self.run_dir / SKIPPED_FILE
+        earlier = path.read_text().splitlines(keepends=True) if path.exists() else []  # decode failures so far
+        lines = [f"{p}\t{why}\n" for p, why in skipped]
+        atomic_write_text(path, "".join(dict.fromkeys(lines + earlier)))
         names = ", ".join(Path(p).name for p, _ in skipped[:3])
         more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
         self.console.print(f"[yellow]warning: left out {len(skipped)} unreadable image(s) ({names}{more}); the list "
