@@ -18,6 +18,7 @@ import kd2deploy
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # one interpreter per module (about a minute on 2 cores)
 def test_every_module_imports_in_a_fresh_interpreter():
     modules = [m.name for m in pkgutil.walk_packages(kd2deploy.__path__, "kd2deploy.")
                if m.name != "kd2deploy.__main__"]  # __main__ runs the CLI
