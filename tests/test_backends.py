@@ -145,10 +145,13 @@ def test_tensorrt_stops_before_the_engine_with_a_verified_qdq_graph(cpu_export):
     for node in quantize_nodes:  # TensorRT's explicit quantization: signed INT8, zero point 0
         zero_point = initializers[node.input[2]]
         assert zero_point.dtype == np.int8 and not zero_point.any()
-    # Q/DQ pairs on the weights too, one pair per consumer: every DequantizeLinear reads a QuantizeLinear
+    # Q/DQ pairs on the weights too (float weights through QuantizeLinear): a DequantizeLinear reads either a
+    # QuantizeLinear or an int32 bias, never a pre-quantized int8 weight
     producer = {output: n.op_type for n in graph.node for output in n.output}
     dequantize = [n for n in graph.node if n.op_type == "DequantizeLinear"]
-    assert dequantize and all(producer.get(n.input[0]) == "QuantizeLinear" for n in dequantize)
+    assert any(producer.get(n.input[0]) == "QuantizeLinear" for n in dequantize)
+    assert all(producer.get(n.input[0]) == "QuantizeLinear" or initializers[n.input[0]].dtype == np.int32
+               for n in dequantize)
     weight_inputs = {n.input[1] for n in graph.node if n.op_type in ("Conv", "Gemm", "MatMul")}
     assert weight_inputs and all(producer.get(w) == "DequantizeLinear" for w in weight_inputs)
     assert qdq["verification"]["top1_agreement"] >= 80

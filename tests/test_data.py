@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import quiet, run_cli, tiny_recipe, write_recipe
@@ -112,8 +113,9 @@ def _unclean_tree(root):
     _image_tree(root / "train", classes=("cat", "dog", "fox"), per_class=4)
     _image_tree(root / "val", classes=("cat", "dog"), per_class=2)  # no fox: class sets differ
     good = root / "train" / "cat" / "0.png"
-    Image.new("RGB", (40, 30), color=(1, 2, 3)).save(root / "train" / "cat" / "whole.jpg", quality=95)
-    data = (root / "train" / "cat" / "whole.jpg").read_bytes()
+    noise = np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(root / "train" / "cat" / "whole.jpg", quality=95)
+    data = (root / "train" / "cat" / "whole.jpg").read_bytes()  # its header is a small part of it
     (root / "train" / "dog" / "truncated.jpg").write_bytes(data[: len(data) // 2])
     (root / "train" / "dog" / "empty.jpg").write_bytes(b"")
     (root / "train" / "cat" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
@@ -150,7 +152,7 @@ def test_training_leaves_unreadable_images_out_and_lists_them(tmp_path):
     header_ok = root / "train" / "dog" / "truncated.jpg"  # opens (header intact), fails when decoded
     recipe = tiny_recipe(tmp_path / "run", data={"dataset": "imagefolder", "root": str(root), "img_size": 16,
                                                   "train_subset": None, "on_device": False, "max_bad_fraction": 0.5},
-                         optim={"epochs": 1, "batch_size": 11})  # one batch: every one of the 11 images
+                         optim={"epochs": 1, "batch_size": 10})  # one batch: every one of the 10 images
     (root / "train" / "cat" / "broken.png").write_bytes(b"not a png at all")
     metrics = train(load_recipe(write_recipe(tmp_path / "r.yaml", recipe)), console=quiet())
     assert metrics["epoch"] == 1

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from ..backends import artifact_suffixes, get_backend
 from ..data.valset import EvalTransform, LabelledImages, image_folder, recorded_val_set
@@ -57,8 +58,8 @@ def val_images(data: dict[str, Any], seed: int, class_names: Sequence[str], tran
     return recorded_val_set(data_config(data, where).model_dump(), seed, class_names, transform, samples, str(where))
 
 
-def manifest_val_set(manifest: dict[str, Any], folder: Path, samples: int | None,
-                     val_dir: Path | None) -> LabelledImages | None:
+def manifest_val_set(manifest: dict[str, Any], folder: Path, samples: int | None = None,
+                     val_dir: Path | None = None) -> LabelledImages | None:
     if samples == 0:
         return None
     return val_images(manifest["data"], manifest["split_seed"], manifest["class_names"],
@@ -97,7 +98,7 @@ def _from_export(folder: Path, samples: int | None, val_dir: Path | None, consol
         console.print(f"[yellow]{folder}: no PyTorch rows, {manifest['source_checkpoint']['path']} is not on this "
                       "machine, or is no longer the checkpoint these artifacts were exported from.[/yellow]")
     elif source is not None and (reason := get_backend("pytorch").unavailable()):
-        console.print(f"[yellow]Skipping the PyTorch rows of {folder}: {reason}.[/yellow]")
+        console.print(f"[yellow]Skipping the PyTorch rows of {folder}: {escape(reason)}.[/yellow]")
     elif source is not None:
         deployables = pytorch_deployables(source.path, backends) + deployables
         if complexity and "gflops" not in known:  # exported before kd2deploy recorded it

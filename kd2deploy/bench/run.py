@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 
 from ..backends import get_backend, list_backends
 from ..data.valset import LabelledImages
@@ -40,7 +41,7 @@ def select(deployables: list[Deployable], backends: Sequence[str] | None, precis
             continue
         reason = get_backend(d.backend).unavailable()
         if reason:  # a TensorRT engine on a machine without TensorRT: bench it on its device
-            console.print(f"[yellow]Skipping {d.name}: {reason}.[/yellow]")
+            console.print(f"[yellow]Skipping {d.name}: {escape(reason)}.[/yellow]")
         else:
             chosen.append(d)
     return chosen
@@ -122,7 +123,7 @@ def measure_all(plan: list[tuple[ModelUnderTest, list[Deployable]]], batches: li
                         rows += bench_deployable(model, deployable, val, batches, Path(scratch), **timing)
                     except CheckFailed as exc:
                         failures.append(str(exc))
-                        console.print(f"[red]{exc}[/red]")
+                        console.print(f"[red]{escape(str(exc))}[/red]")
     if not rows:
         raise CheckFailed("No artifact could be benchmarked: " + "; ".join(failures))
     return rows, failures

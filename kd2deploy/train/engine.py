@@ -83,7 +83,8 @@ class Trainer:
 
         seed_everything(recipe.optim.seed)  # identical initial weights on every rank
         self.train_set, self.val_set, self.info = build_datasets(recipe.data, recipe.optim.seed)
-        set_skip_log(self.run_dir / SKIPPED_FILE, self.train_set.dataset, self.val_set.dataset)
+        self.image_sources = (self.train_set.dataset, self.val_set.dataset)  # before a teacher cache wraps them
+        set_skip_log(self.run_dir / SKIPPED_FILE, *self.image_sources)
         self.distiller = self._build_distiller().to(self.env.device)
         self.resident, data_note = resident.load(recipe.data, self.train_set.dataset, self.env.device)
         self.acceleration = Acceleration.from_recipe(recipe.optim, self.env.device, {
@@ -211,7 +212,7 @@ class Trainer:
     def _list_skipped_images(self) -> None:
         """One warning for the unreadable images the image folders left out, and their list in the run folder
         (which decode failures met during training are appended to)."""
-        skipped = skipped_images(self.train_set.dataset, self.val_set.dataset)
+        skipped = skipped_images(*self.image_sources)
         if not skipped:
             return
         path = self.run_dir / SKIPPED_FILE
