@@ -34,9 +34,9 @@ from deploy_cpu import DATA, TIMM_MODELS, timm_run
 from rich.console import Console
 
 from kd2deploy.backends.ov import OpenVinoBackend
-from kd2deploy.bench import run_isolated
+from kd2deploy.bench.run import run_isolated
 from kd2deploy.checkpoint import atomic_write_text
-from kd2deploy.exporting import export_run
+from kd2deploy.deploy.pipeline import export_run
 
 RESULTS = Path(__file__).resolve().parent / "results"
 AGREEMENT = 0.10
@@ -55,7 +55,7 @@ def prepare(out: Path, student: Path, console: Console) -> list[Path]:
         if not (folder / "manifest.json").is_file():
             console.rule(f"export {run_dir}")
             export_run(run_dir, out_dir=folder, formats=["onnx", "openvino"], precisions=["fp32", "fp16", "int8"],
-                       target="laptop-x86", calib_samples=256, val_samples=500, atol_fp16=0.1, speed=False,
+                       profile="laptop-x86", calib_samples=256, val_samples=500, atol_fp16=0.1, speed=False,
                        console=console)  # one-epoch 224 models have large logits: FP16 weights move them ~0.06
         folders.append(folder)
     return folders

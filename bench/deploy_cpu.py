@@ -26,10 +26,10 @@ import yaml
 from rich.console import Console
 
 from kd2deploy.checkpoint import atomic_write_text, library_versions
-from kd2deploy.engine import train
-from kd2deploy.exporting import export_run
+from kd2deploy.deploy.pipeline import export_run
 from kd2deploy.machine import cpu_flags, cpu_model
 from kd2deploy.recipe import load_recipe
+from kd2deploy.train.engine import train
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA = "data/cifar10-jpeg"
@@ -157,7 +157,7 @@ def main() -> None:
         export_dir = args.out / "exports" / run_dir.name
         if args.reexport or not (export_dir / "manifest.json").is_file():
             export_run(run_dir, out_dir=export_dir, formats=["onnx", "openvino"], precisions=["fp32", "int8"],
-                       target="laptop-x86", calib_samples=256 if trained else 70, val_samples=10_000,
+                       profile="laptop-x86", calib_samples=256 if trained else 70, val_samples=10_000,
                        speed=False, console=console)
         # a fresh process per model: runtimes from the previous model (ORT thread pools, OpenVINO executors) left
         # in this one slowed ORT FP32 ResNet-18 from 20 ms to 33 ms in a first version of this script

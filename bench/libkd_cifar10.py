@@ -23,11 +23,11 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 
-from kd2deploy.bench import training_machine
+from kd2deploy.bench.harness import training_machine
 from kd2deploy.checkpoint import atomic_write_text
-from kd2deploy.engine import Trainer
 from kd2deploy.models import count_params
 from kd2deploy.recipe import bundled_recipes_dir, load_recipe
+from kd2deploy.train.engine import Trainer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RECIPES = bundled_recipes_dir()

@@ -32,11 +32,11 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from rich.console import Console
 
-    from kd2deploy.bench import training_machine
+    from kd2deploy.bench.harness import training_machine
     from kd2deploy.checkpoint import atomic_write_text
-    from kd2deploy.engine import Trainer
     from kd2deploy.machine import busy_cores_elsewhere, cpu_flags
     from kd2deploy.recipe import find_recipe, load_recipe
+    from kd2deploy.train.engine import Trainer
 
     out = RESULTS / f"parity_{args.name}.json"
     results = json.loads(out.read_text()) if out.exists() else {"rows": {}}

@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from kd2deploy.bench import training_machine
+from kd2deploy.bench.harness import training_machine
 from kd2deploy.checkpoint import STUDENT, atomic_save, atomic_write_text, load_checkpoint, sha256
 from kd2deploy.machine import busy_cores_elsewhere
 
@@ -164,7 +164,7 @@ def predictions(checkpoint: Path, model: dict[str, Any], data: dict[str, Any]) -
     """Top-1 class of every test image (FP32, the eval transform)."""
     import torch
 
-    from kd2deploy.data import eval_loader, val_dataset
+    from kd2deploy.data.loaders import eval_loader, val_dataset
     from kd2deploy.models import create_model
     from kd2deploy.recipe import DataConfig
 

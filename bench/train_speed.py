@@ -151,7 +151,8 @@ REDNET_STEPS = r'''
 import json, sys, time, torch, timm
 mode, width, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
 import kd2deploy.models
-from kd2deploy import involution, acceleration
+from kd2deploy.models import involution
+from kd2deploy.train import acceleration
 if mode == "before":
     involution.involution = involution.unfold_involution  # the previous implementation, default allocator, NCHW
 else:
@@ -240,7 +241,7 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="also the gpu/* rows (needs CUDA)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from kd2deploy.bench import training_machine
+    from kd2deploy.bench.harness import training_machine
     from kd2deploy.checkpoint import atomic_write_text
     from kd2deploy.machine import busy_cores_elsewhere, cpu_flags
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 from rich.console import Console
 
-from kd2deploy.bench import training_machine
+from kd2deploy.bench.harness import training_machine
 from kd2deploy.checkpoint import atomic_write_text
-from kd2deploy.engine import Trainer
 from kd2deploy.recipe import validate_recipe
+from kd2deploy.train.engine import Trainer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

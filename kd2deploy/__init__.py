@@ -1,3 +1,3 @@
 """kd2deploy: recipe-driven knowledge distillation and deployment for vision models."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

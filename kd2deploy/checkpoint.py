@@ -66,9 +66,11 @@ def sha256(path: Path) -> str:
 
 
 def library_versions() -> dict[str, str]:
+    """Installed versions of kd2deploy, its training stack and every backend's runtime (each backend names its)."""
+    from .backends import backend_packages
+
     versions = {}
-    for dist in ("kd2deploy", "torch", "torchvision", "timm", "onnx", "onnxruntime", "numpy", "openvino", "nncf",
-                 "tensorrt"):
+    for dist in ("kd2deploy", "torch", "torchvision", "timm", "onnx", "numpy", *backend_packages()):
         try:
             versions[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:

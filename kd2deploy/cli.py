@@ -17,9 +17,20 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Distill edge-friendly students from recipes, export them (ONNX, INT8) and benchmark them.")
 recipes_app = typer.Typer(no_args_is_help=True, help="List, show and validate recipes.")
 app.add_typer(recipes_app, name="recipes")
+data_app = typer.Typer(no_args_is_help=True, help="Check datasets.")
+app.add_typer(data_app, name="data")
 console = Console()
 err_console = Console(stderr=True)
-TRAINING_STACK = ("torch", "torchvision", "timm", "onnx", "onnxscript", "onnxslim")
+TRAINING_STACK = ("torch", "torchvision", "timm", "onnx", "onnxscript", "onnxslim")  # kd2deploy[train]
+
+
+def extra_for(module: str) -> str | None:
+    """The kd2deploy extra that installs `module` (a training-stack or backend-runtime package), or None."""
+    if module in TRAINING_STACK:
+        return "train"
+    from .backends import backend_packages
+
+    return backend_packages().get(module)
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -36,11 +47,15 @@ def user_errors(fn: Callable) -> Callable:
             err_console.print(f"[bold red]failed:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=CheckFailed.exit_code) from None
         except ModuleNotFoundError as exc:
-            if exc.name not in TRAINING_STACK:
+            extra = extra_for((exc.name or "").split(".")[0])
+            if extra is None:
                 raise
-            message = (f"`kd2deploy {fn.__name__.rstrip('_')}` needs {exc.name}, which is not installed: this is an "
-                       "edge install (kd2deploy[edge]), which benchmarks and evaluates export folders only. Install "
-                       'the training stack with `pip install "kd2deploy[train]"`.')
+            command = f"kd2deploy {fn.__name__.rstrip('_')}"
+            message = (f"`{command}` needs {exc.name}, which is not installed here. Install it with "
+                       f'`pip install "kd2deploy[{extra}]"`.')
+            if extra == "train":
+                message += (" Without the training stack (an edge install, kd2deploy[edge]) kd2deploy benchmarks and "
+                            "evaluates export folders only.")
             err_console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=UserError.exit_code) from None
         except KeyboardInterrupt:
@@ -73,8 +88,8 @@ def train(
     Multi-GPU / multi-process: torchrun --nproc_per_node N -m kd2deploy train RECIPE
     """
     sleep_idle_openmp_threads_when_busy()  # before torch is imported: OpenMP reads its policy once
-    from .engine import train as run_training
     from .recipe import find_recipe, load_recipe
+    from .train.engine import train as run_training
 
     path = find_recipe(str(recipe))
     loaded = load_recipe(path, overrides or [])
@@ -95,7 +110,7 @@ def export(
     precisions: str | None = typer.Option(None, "--precision", help="Comma-separated: fp32, fp16, int8 "
                                                                     "(default: the target's)."),
     int8: bool = typer.Option(False, "--int8", help="Add int8 to the precisions."),
-    target: str | None = typer.Option(None, "--target", help="Target profile: a name in export/ (laptop-x86, "
+    target: str | None = typer.Option(None, "--target", help="Target profile: a bundled one (laptop-x86, "
                                                              "arm64-cpu, jetson-orin, rtx-gpu) or a YAML path. "
                                                              "Default: this machine's CPU profile."),
     calib_samples: int = typer.Option(256, "--calib-samples", min=1, help="Training images used for calibration."),
@@ -115,12 +130,12 @@ def export(
 ) -> None:
     """Export the student to ONNX, OpenVINO and TensorRT artifacts, verify each on real val images, write
     manifest.json. Exits 2, after writing the rest, when a requested backend is missing here."""
-    from .exporting import export_run
+    from .deploy.pipeline import export_run
 
     precision_list = _csv(precisions)
     if int8:
         precision_list = [*(precision_list or ["fp32"]), "int8"]
-    manifest = export_run(source, out_dir=out, formats=_csv(formats), precisions=precision_list, target=target,
+    manifest = export_run(source, out_dir=out, formats=_csv(formats), precisions=precision_list, profile=target,
                           calib_samples=calib_samples, calib_method=calib_method, max_drop=max_drop, atol=atol,
                           atol_fp16=atol_fp16, val_samples=val_samples, dynamic_size=dynamic_size,
                           speed=speed_check, console=console)
@@ -156,7 +171,8 @@ def bench(
     """Benchmark every artifact x backend x precision x batch size of the given folders, each artifact in a fresh
     process: top-1, latency p50/p90/p99/mean, images/s, peak memory, size, params and GFLOPs; write
     bench.md/csv/json and an accuracy-vs-latency plot; or compare two runs with --compare A.json B.json."""
-    from .bench import compare_reports, run_bench
+    from .bench.report import compare_reports
+    from .bench.run import run_bench
 
     if compare:
         compare_reports(*compare, console=console)
@@ -178,7 +194,7 @@ def eval_(
     val_samples: int = typer.Option(0, "--val-samples", min=0, help="Limit the evaluation (0: whole val split)."),
 ) -> None:
     """Top-1/top-5 of a trained student or an exported artifact on its val split (or on --val DIR)."""
-    from .artifacts import evaluate_target
+    from .bench.accuracy import evaluate_target
 
     evaluate_target(target, val_samples=val_samples or None, console=console, val_dir=val)
 
@@ -197,6 +213,51 @@ def quickstart(
     from .quickstart import run_quickstart
 
     run_quickstart(out, console=console, overrides=overrides or [])
+
+
+@data_app.command("check")
+@user_errors
+def data_check(
+    target: Path = typer.Argument(..., help="A recipe (checks its data.root's train and val folders), a folder "
+                                            "holding train/ and val/, or one folder with a sub-folder per class."),
+    workers: int = typer.Option(0, "--workers", min=0, help="Decoding processes (0: one per core)."),
+) -> None:
+    """Decode every image and report unreadable or truncated files, non-image files, non-RGB modes, empty class
+    folders and train/val class sets that differ. Exit 1 when there are errors (not warnings)."""
+    import os
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.table import Table
+
+    from .console import print_table
+    from .data.checks import check_tree, findings, trees_to_check
+    from .recipe import find_recipe
+
+    path = find_recipe(str(target)) if target.suffix in (".yaml", ".yml") else target
+    reports = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, transient=True) as progress:
+        for split, root in trees_to_check(path):
+            task = progress.add_task(f"decoding {split}", total=None)
+            reports[split] = check_tree(root, workers or os.cpu_count() or 1,
+                                        lambda done, total, task=task: progress.update(task, completed=done,
+                                                                                       total=total))
+    table = Table("split", "folder", "classes", "images", "unreadable", "not images", "non-RGB", "empty classes",
+                  title=f"kd2deploy data check {target}")
+    for split, r in reports.items():
+        modes = ", ".join(f"{m}: {len(p)}" for m, p in sorted(r.odd_modes.items())) or "0"
+        table.add_row(split, str(r.root), str(len(r.classes)), str(r.images), str(len(r.unreadable)),
+                      str(len(r.not_images)), modes, str(len(r.empty_classes)))
+    print_table(console, table)
+    errors, warnings = findings(reports)
+    for line in warnings:
+        console.print(f"[yellow]warning:[/yellow] {escape(line)}", soft_wrap=True)
+    for line in errors:
+        console.print(f"[red]error:[/red] {escape(line)}", soft_wrap=True)
+    if errors:
+        raise CheckFailed(f"{len(errors)} problem(s) in {target}; training leaves unreadable images out (up to "
+                          "data.max_bad_fraction) but the others need fixing.")
+    console.print("No errors.")
 
 
 @recipes_app.command("list")

@@ -8,11 +8,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .artifacts import print_table
-from .checkpoint import atomic_write_text
-from .engine import STUDENT, Trainer
+from .checkpoint import STUDENT, atomic_write_text
+from .console import print_table
 from .models import count_params
 from .recipe import bundled_recipes_dir, load_recipe
+from .train.engine import Trainer
 
 STEPS = [  # (run name, recipe file, extra overrides given the output folder)
     ("teacher", "quickstart_teacher.yaml", lambda out: []),
@@ -25,8 +25,8 @@ def run_quickstart(out: Path, console: Console, overrides: list[str] | None = No
     """Train teacher, no-teacher baseline and KD student; export the KD student to FP32 + INT8 ONNX; bench it.
     Each run resumes if it exists, so an interrupted quickstart continues where it stopped.
     `overrides` (dotted.key=value) apply to all three recipes, e.g. optim.epochs=2 for a smoke run."""
-    from .bench import run_bench
-    from .exporting import export_run
+    from .bench.run import run_bench
+    from .deploy.pipeline import export_run
 
     started = time.perf_counter()
     results, models = {}, {}

@@ -1,6 +1,7 @@
-"""Recipes: YAML files validated by pydantic, with dotted command-line overrides.
+"""Recipes: YAML files validated by pydantic, with dotted command-line overrides and key migrations.
 
-Every problem becomes a RecipeError that names the file, the field path and what was expected.
+Every problem becomes a RecipeError that names the file, the field path and what was expected. The bundled recipes
+are package data (`kd2deploy/recipes/`), so a wheel install has them too.
 """
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import RecipeError
+from .data.sources import dataset_names, get_dataset
+from .errors import RecipeError, validation_problems
 
 
 class Section(BaseModel):
@@ -49,7 +51,8 @@ class AugmentConfig(Section):
 
 
 class DataConfig(Section):
-    dataset: Literal["mini_cifar10", "cifar10", "cifar100", "imagefolder"] = "mini_cifar10"
+    dataset: str = Field("mini_cifar10", description="a registered dataset: mini_cifar10, cifar10, cifar100, "
+                                                    "imagefolder (kd2deploy.data.sources)")
     root: Path | None = Field(None, description="dataset root; for imagefolder the folder holding train/ and val/")
     download: bool = Field(False, description="let torchvision download CIFAR into root")
     train_dir: str = "train"
@@ -57,12 +60,16 @@ class DataConfig(Section):
     val_fraction: float | None = Field(
         None, gt=0, lt=1, description="imagefolder without a val folder: hold out this seeded fraction of train"
     )
+    split_rng: Literal["numpy", "torch"] = Field(
+        "numpy", description="the generator of the val_fraction split; torch only in runs recorded by kd2deploy < 0.2")
     img_size: int = Field(32, ge=8)
     mean: tuple[float, float, float] | None = Field(None, description="defaults to the dataset's statistics")
     std: tuple[float, float, float] | None = None
     interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
     crop_pct: float = Field(1.0, gt=0, le=1)
     train_subset: int | None = Field(None, ge=1, description="train on a seeded random subset of this many images")
+    max_bad_fraction: float = Field(0.001, ge=0, le=1, description="image folders: the largest fraction of "
+                                    "unreadable images that training leaves out (more stops the run, exit 2)")
     num_workers: int = Field(2, ge=0)
     on_device: bool | Literal["auto"] = Field(
         "auto", description="keep the decoded training set on the training device and augment it there in batches "
@@ -70,6 +77,13 @@ class DataConfig(Section):
                             "crop/flip only")
     on_device_limit_mb: int = Field(4096, ge=1, description="largest decoded (uint8) training set kept on the device")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+    @field_validator("dataset")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        if name not in dataset_names():
+            raise ValueError(f"unknown dataset; expected one of {', '.join(dataset_names())}")
+        return name
 
 
 class DistillConfig(BaseModel):
@@ -213,18 +227,7 @@ def apply_override(raw: dict, path: list[str], value: Any, file: str | None) -> 
 
 
 def _format_validation_error(err: ValidationError, file: str | None) -> RecipeError:
-    problems = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        if e["type"] == "extra_forbidden":
-            problems.append(f"field `{loc}` is not a known key{_known_keys_hint(e['loc'])}")
-        elif e["type"] == "missing":
-            problems.append(f"field `{loc}` is required but missing")
-        else:
-            got = e.get("input")
-            got_text = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
-            problems.append(f"field `{loc}`: {e['msg']}{got_text}")
-    return RecipeError(file, None, "; ".join(problems) + ".",
+    return RecipeError(file, None, validation_problems(err, _known_keys_hint) + ".",
                        "Correct the value in the file or the command-line override; "
                        "`kd2deploy recipes show RECIPE` prints a recipe with every default filled in.")
 
@@ -344,11 +347,11 @@ def missing_files(recipe: Recipe) -> list[tuple[str, str]]:
             problems.append((f"teachers.{i}.checkpoint", f"{spec.checkpoint} does not exist"))
     if recipe.student.checkpoint is not None and not recipe.student.checkpoint.is_file():
         problems.append(("student.checkpoint", f"{recipe.student.checkpoint} does not exist"))
-    data = recipe.data
-    if data.dataset != "mini_cifar10":
+    data, source = recipe.data, get_dataset(recipe.data.dataset)
+    if source.needs_root:
         if data.root is None:
             problems.append(("data.root", f"dataset `{data.dataset}` needs a root folder"))
-        elif not data.root.exists() and not (data.download and data.dataset.startswith("cifar")):
+        elif not data.root.exists() and not (data.download and source.downloadable):
             problems.append(("data.root", f"{data.root} does not exist"))
     return problems
 
@@ -362,9 +365,15 @@ def check_files(recipe: Recipe, file: str | None) -> None:
                           "e.g. train the teacher with its own recipe.")
 
 
+def migrate_data_section(data: dict[str, Any]) -> dict[str, Any]:
+    """A data section recorded in a checkpoint or manifest, in today's schema: sections written before kd2deploy 0.2
+    held out val_fraction with torch's generator and have no `split_rng`."""
+    return {"split_rng": "torch", **data}
+
+
 def bundled_recipes_dir() -> Path:
-    """The repository's recipes/ folder (kd2deploy installs from a clone, editable)."""
-    return Path(__file__).resolve().parent.parent / "recipes"
+    """The recipes shipped inside the package (package data: present in wheel and editable installs alike)."""
+    return Path(__file__).resolve().parent / "recipes"
 
 
 def find_recipe(name_or_path: str) -> Path:
@@ -372,7 +381,8 @@ def find_recipe(name_or_path: str) -> Path:
     p = Path(name_or_path)
     if p.exists():
         return p
-    for candidate in (bundled_recipes_dir() / name_or_path, bundled_recipes_dir() / f"{name_or_path}.yaml"):
+    bundled = bundled_recipes_dir()  # `recipes/NAME.yaml` as README writes it works from any folder
+    for candidate in (bundled / name_or_path, bundled / f"{name_or_path}.yaml", bundled / p.name):
         if candidate.is_file():
             return candidate
     return p

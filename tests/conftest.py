@@ -1,6 +1,7 @@
 """Shared helpers: tiny recipes on the bundled mini CIFAR-10 and a way to run the real CLI."""
 from __future__ import annotations
 
+import importlib.util
 import io
 import os
 import subprocess
@@ -13,6 +14,12 @@ import yaml
 from rich.console import Console
 
 ROOT = Path(__file__).resolve().parents[1]
+HAS_OPENVINO = all(importlib.util.find_spec(m) is not None for m in ("openvino", "nncf"))
+requires_openvino = pytest.mark.skipif(not HAS_OPENVINO,
+                                       reason='OpenVINO/NNCF not installed (pip install "kd2deploy[openvino]")')
+requires_optimum = pytest.mark.skipif(importlib.util.find_spec("optimum") is None,
+                                      reason='optimum-onnx not installed (pip install "kd2deploy[optimum]"): the CPU '
+                                             'INT8 presets fall back to `portable`')
 
 
 def tiny_recipe(run_dir: Path, **sections: Any) -> dict[str, Any]:
@@ -40,8 +47,8 @@ def quiet() -> Console:
 
 def train_run(folder: Path, **sections: Any) -> Path:
     """A one-epoch tiny run (test_resnet unless `student` is given); returns its run folder."""
-    from kd2deploy.engine import train
     from kd2deploy.recipe import load_recipe
+    from kd2deploy.train.engine import train
 
     run_dir = folder / "run"
     train(load_recipe(write_recipe(folder / "recipe.yaml", tiny_recipe(run_dir, **sections))), console=quiet())

@@ -13,12 +13,12 @@ from conftest import quiet, run_cli, tiny_recipe, write_recipe
 
 import kd2deploy.models  # noqa: F401  (registers the CIFAR-size models)
 from kd2deploy.checkpoint import load_checkpoint
+from kd2deploy.data.sources import CIFAR_MEAN, CIFAR_STD
+from kd2deploy.deploy.pipeline import export_run
 from kd2deploy.distill import get_method_class
 from kd2deploy.distill.capkd import CAPKDParams, GroupwiseLinearProjector, MultiViewGenerator
-from kd2deploy.engine import Trainer, train
-from kd2deploy.exporting import export_run
-from kd2deploy.models import CIFAR_MEAN, CIFAR_STD
 from kd2deploy.recipe import load_recipe
+from kd2deploy.train.engine import Trainer, train
 
 CAPKD = get_method_class("capkd")
 SWIN = ("swin_tiny_patch4_window7_224",

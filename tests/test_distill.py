@@ -9,9 +9,9 @@ from torch import nn
 
 from kd2deploy.distill import get_method_class
 from kd2deploy.distill.deit import DeiTParams
+from kd2deploy.distill.hooks import FeatureHooks
 from kd2deploy.distill.kd import KDParams
 from kd2deploy.errors import UserError
-from kd2deploy.hooks import FeatureHooks
 from kd2deploy.models import create_model
 
 

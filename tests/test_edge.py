@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 from conftest import quiet, train_run
 
-from kd2deploy.artifacts import evaluate_target
-from kd2deploy.exporting import export_run
+from kd2deploy.bench.accuracy import evaluate_target
+from kd2deploy.deploy.pipeline import export_run
 
 REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # builds a venv
 
 
 def run(*args: object, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -46,7 +47,7 @@ def test_edge_install_has_no_training_stack(edge_python):
     for module in ("torch", "torchvision", "timm"):
         result = run(edge_python, "-c", f"import {module}")
         assert result.returncode != 0 and "ModuleNotFoundError" in result.stderr, module
-    result = run(edge_python, "-c", "import kd2deploy.bench, kd2deploy.artifacts, sys; "
+    result = run(edge_python, "-c", "import kd2deploy.bench.run, kd2deploy.bench.accuracy, kd2deploy.cli, sys; "
                                     "print(sorted(m for m in ('torch', 'onnx') if m in sys.modules))")
     assert result.returncode == 0 and result.stdout.strip() == "[]"
 
@@ -69,14 +70,30 @@ def test_edge_bench_and_eval_on_an_export_folder(edge_python, export_dir, tmp_pa
     # the same top-1 as the training stack's evaluation of the same artifacts on the same images
     expected = evaluate_target(export_dir, val_samples=40, console=quiet())["results"]
     for r in expected:
-        assert f"│ {r['target']} " in result.stdout and f" {r['top1']:.2f} " in result.stdout
+        assert f"│ {r['artifact']} " in result.stdout and f" {r['top1']:.2f} " in result.stdout
     bench_top1 = {row["artifact"]: row["top1"] for row in report["rows"]}
-    assert bench_top1 == {r["target"]: pytest.approx(r["top1"]) for r in expected}
+    assert bench_top1 == {r["artifact"]: pytest.approx(r["top1"]) for r in expected}
 
 
 def test_edge_refuses_training_with_a_clear_error(edge_python, tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("name: x\nstudent:\n  name: resnet18\ndata:\n  dataset: mini_cifar10\n")
-    result = run(edge_python.parent / "kd2deploy", "train", recipe)
-    assert result.returncode == 2 and 'pip install "kd2deploy[train]"' in result.stderr
-    assert "Traceback" not in result.stderr
+    kd2deploy = edge_python.parent / "kd2deploy"
+    for args in (["train", recipe], ["quickstart", "--out", tmp_path / "qs"], ["export", tmp_path]):
+        result = run(kd2deploy, *args)
+        assert result.returncode == 2 and 'pip install "kd2deploy[train]"' in result.stderr, args
+        assert "Traceback" not in result.stderr
+    listed = run(kd2deploy, "recipes", "list")  # bundled with the package: no clone needed
+    assert listed.returncode == 0 and "quickstart" in listed.stdout
+
+
+def test_the_bare_core_install_names_the_extra_it_lacks(edge_python, export_dir):
+    """Without onnxruntime (the core install, no extras) eval and bench say which extra runs the artifacts. Runs
+    last in this module: it uninstalls onnxruntime from the edge venv."""
+    removed = run(edge_python, "-m", "pip", "uninstall", "-y", "-q", "onnxruntime")
+    assert removed.returncode == 0, removed.stderr[-2000:]
+    kd2deploy = edge_python.parent / "kd2deploy"
+    for command in ("eval", "bench"):
+        result = run(kd2deploy, command, export_dir, "--val-samples", "8")
+        assert result.returncode == 2, (command, result.stderr[-2000:])
+        assert "kd2deploy[edge]" in result.stdout + result.stderr and "Traceback" not in result.stderr

@@ -17,9 +17,10 @@ from torch import nn
 
 from kd2deploy.checkpoint import load_checkpoint
 from kd2deploy.distill import Distiller, MethodParams, StepOutput, get_method_class, method_names, register_method
-from kd2deploy.engine import Trainer, load_student, train
 from kd2deploy.models import create_model
 from kd2deploy.recipe import load_recipe
+from kd2deploy.train.engine import Trainer, train
+from kd2deploy.train.student import load_student
 
 
 def _state(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -56,7 +57,7 @@ def _resume_recipe(run_dir: Path, on_device: bool) -> dict:
     # randomness a resume must replay
     return tiny_recipe(run_dir, teacher={"name": "test_resnet"}, student={"name": "test_resnet",
                        "kwargs": {"drop_rate": 0.2}},
-                       data={"train_subset": 1536, "num_workers": 2, "on_device": on_device,
+                       data={"train_subset": 1024, "num_workers": 2, "on_device": on_device,
                              "augment": {"mixup": 0.2, "scale": [0.5, 1],  # colour jitter: the loader path's
                                          "color_jitter": None if on_device else 0.4}},
                        optim={"epochs": 3, "batch_size": 32, "lr": 0.05, "warmup_epochs": 1,
@@ -65,6 +66,7 @@ def _resume_recipe(run_dir: Path, on_device: bool) -> dict:
                               "amp": "auto", "channels_last": True, "threads": torch.get_num_threads()})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("on_device", [False, True], ids=["loader", "resident"])
 def test_killed_run_resumes_to_the_same_weights(tmp_path, on_device):
     reference = tmp_path / "reference"

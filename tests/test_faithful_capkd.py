@@ -13,6 +13,7 @@ import torch
 from pydantic import ValidationError
 
 import kd2deploy.models  # noqa: F401  (registers the CIFAR-size models)
+from kd2deploy.data.sources import CIFAR_MEAN, CIFAR_STD
 from kd2deploy.distill import get_method_class
 from kd2deploy.distill.capkd import (
     CAPKDParams,
@@ -22,7 +23,6 @@ from kd2deploy.distill.capkd import (
     heads_from_map,
     pick_student_layer,
 )
-from kd2deploy.models import CIFAR_MEAN, CIFAR_STD
 from kd2deploy.recipe import bundled_recipes_dir, load_recipe
 
 CAPKD = get_method_class("capkd")

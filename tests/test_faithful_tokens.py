@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 from conftest import ROOT, quiet
 
-from kd2deploy.data import DataInfo
+from kd2deploy.data.sources import DataInfo
+from kd2deploy.deploy.onnx import export_onnx
 from kd2deploy.distill import get_method_class
 from kd2deploy.distill.cit import network_kind
 from kd2deploy.distill.cskd import ckf_logits, dense_distillation_loss, pool_to_cells
 from kd2deploy.errors import UserError
 from kd2deploy.models import count_params  # noqa: F401  (registers kd2deploy's CIFAR models with timm)
-from kd2deploy.onnx_export import export_onnx
 from kd2deploy.recipe import load_recipe
 
 TINY_REDNET = {"channels": [8, 8, 16, 16], "stem_width": 8, "involution_kernel": 3, "group_channels": 8}

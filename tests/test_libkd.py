@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from conftest import quiet
 
-from kd2deploy.data import DataInfo
+from kd2deploy.data.sources import DataInfo
+from kd2deploy.deploy.onnx import export_onnx
 from kd2deploy.distill import get_method_class
 from kd2deploy.distill.cskd import ckf_ratio
 from kd2deploy.errors import UserError
-from kd2deploy.involution import Involution2d
-from kd2deploy.onnx_export import export_onnx
-from kd2deploy.token_vit import num_distill_tokens
+from kd2deploy.models.involution import Involution2d
+from kd2deploy.models.token_vit import num_distill_tokens
 
 TINY_REDNET = {"channels": [8, 8, 16, 16], "stem_width": 8, "involution_kernel": 3, "group_channels": 8}
 CIFAR_INFO = DataInfo("mini_cifar10", 10, [str(i) for i in range(10)], 32, (0.5,) * 3, (0.5,) * 3)

@@ -9,7 +9,7 @@ from kd2deploy.checkpoint import STUDENT_FORMAT, atomic_save
 from kd2deploy.distill import get_method_class
 from kd2deploy.distill.capkd import CAPKDParams
 from kd2deploy.distill.cskd import CSKDParams
-from kd2deploy.hooks import TransformerTap
+from kd2deploy.distill.hooks import TransformerTap
 from kd2deploy.models import create_model
 
 

@@ -14,14 +14,15 @@ from conftest import quiet, tiny_recipe, write_recipe
 from PIL import Image
 from timm.data.transforms import RandomResizedCropAndInterpolation
 
-from kd2deploy import acceleration, resident
-from kd2deploy.data import build_datasets
-from kd2deploy.engine import Trainer
+from kd2deploy.data import resident
+from kd2deploy.data.loaders import build_datasets
+from kd2deploy.distill.teacher_cache import ViewSpec
 from kd2deploy.errors import UserError
-from kd2deploy.involution import _ShiftInvolution, involution, unfold_involution
 from kd2deploy.models import create_model
+from kd2deploy.models.involution import _ShiftInvolution, involution, unfold_involution
 from kd2deploy.recipe import load_recipe
-from kd2deploy.teacher_cache import ViewSpec
+from kd2deploy.train import acceleration
+from kd2deploy.train.engine import Trainer
 
 CPU = torch.device("cpu")
 
@@ -287,7 +288,7 @@ def test_sampled_phase_timing_splits_the_epoch_in_the_sampled_proportions():
     """CUDA's mode (kernels run asynchronously): only every CUDA_SAMPLE-th step synchronises and is timed."""
     import time
 
-    from kd2deploy.timing import CUDA_SAMPLE, PhaseClock
+    from kd2deploy.train.timing import CUDA_SAMPLE, PhaseClock
 
     teacher = torch.nn.Sequential(torch.nn.Identity())
     clock = PhaseClock(CPU, torch.nn.ModuleList([teacher]))

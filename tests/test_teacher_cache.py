@@ -9,12 +9,12 @@ import pytest
 import torch
 from conftest import quiet, tiny_recipe, write_recipe
 
-from kd2deploy.data import SampleDataset
-from kd2deploy.engine import Trainer
+from kd2deploy.data.loaders import SampleDataset
+from kd2deploy.distill.teacher_cache import StoredViewDataset
 from kd2deploy.errors import UserError
 from kd2deploy.models import create_model
 from kd2deploy.recipe import load_recipe
-from kd2deploy.teacher_cache import StoredViewDataset
+from kd2deploy.train.engine import Trainer
 
 TEACHER = {"name": "resnet10_cifar", "kwargs": {"channels": [8, 8, 16, 16]}}
 STUDENT = {"name": "libkd_nano_patch4_32", "kwargs": {"depth": 1}}

@@ -1,7 +1,8 @@
-"""Val images without torch (kd2deploy.valdata): the numpy/Pillow eval transform equals timm's, the readers give
-torchvision's order and labels, and top-1/top-5 equal kd2deploy.evaluate's."""
+"""Val images without torch (kd2deploy.data.valset): the numpy/Pillow eval transform equals timm's, the readers give
+torchvision's order and labels, and top-1/top-5 equal kd2deploy.train.evaluate's."""
 from __future__ import annotations
 
+import os
 import pickle
 
 import numpy as np
@@ -10,11 +11,12 @@ import torch
 from PIL import Image
 from torchvision import datasets
 
-from kd2deploy.data import DataInfo, SampleDataset, eval_loader, eval_transform, spread_subset
+from kd2deploy.data.loaders import SampleDataset, eval_loader, eval_transform, spread_subset
+from kd2deploy.data.sources import MINI_CIFAR10, DataInfo
+from kd2deploy.data.valset import EvalTransform, evaluate_runner, image_folder, recorded_val_set
 from kd2deploy.errors import UserError
-from kd2deploy.evaluate import evaluate
 from kd2deploy.models import create_model
-from kd2deploy.valdata import MINI_CIFAR10, EvalTransform, cifar_test_split, evaluate_runner, image_folder
+from kd2deploy.train.evaluate import evaluate
 
 CLASSES = sorted(p.name for p in (MINI_CIFAR10 / "val").iterdir())
 
@@ -74,13 +76,38 @@ def test_cifar_pickle_reader(tmp_path):
     with open(folder / "test_batch", "wb") as f:
         pickle.dump({"data": data, "labels": [3, 1, 4, 1, 5, 9]}, f)
     transform = EvalTransform.from_input(info(32, "bilinear", 1.0).to_dict())
-    images, labels = next(cifar_test_split(tmp_path, "cifar10", transform).batches(6))
+    data_section = {"dataset": "cifar10", "root": str(tmp_path)}
+    images, labels = next(recorded_val_set(data_section, 0, CLASSES, transform).batches(6))
     assert labels.tolist() == [3, 1, 4, 1, 5, 9]
     # torchvision's CIFAR10 stores the rows as CHW uint8, then hands out HWC PIL images
     first = Image.fromarray(data[0].reshape(3, 32, 32).transpose(1, 2, 0))
     np.testing.assert_allclose(images[0], transform(first), atol=0)
     with pytest.raises(UserError, match="cifar100"):
-        cifar_test_split(tmp_path, "cifar100", transform)
+        recorded_val_set({**data_section, "dataset": "cifar100"}, 0, CLASSES, transform)
+
+
+class _Hostile:
+    """A pickle that runs a command when loaded (what pickle.load would do with a tampered CIFAR batch)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_cifar_reader_refuses_a_pickle_that_would_run_code(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    marker = tmp_path / "pwned"
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({"data": _Hostile(marker), "labels": [0]}, f)
+    transform = EvalTransform.from_input(info(32, "bilinear", 1.0).to_dict())
+    with pytest.raises(UserError, match="system"):
+        recorded_val_set({"dataset": "cifar10", "root": str(tmp_path)}, 0, CLASSES, transform)
+    assert not marker.exists()
+    pickle.load(open(folder / "test_batch", "rb"))  # the same file does run code through plain pickle.load
+    assert marker.exists()
 
 
 def test_evaluate_runner_equals_torch_evaluate():

@@ -8,11 +8,13 @@ from .base import (
     BackendUnavailable,
     ExportRequest,
     artifact_record,
+    artifact_suffixes,
     backend_for_format,
+    backend_packages,
     get_backend,
     list_backends,
     register_backend,
 )
 
-__all__ = ["Backend", "BackendUnavailable", "ExportRequest", "artifact_record", "backend_for_format", "get_backend",
-           "list_backends", "register_backend"]
+__all__ = ["Backend", "BackendUnavailable", "ExportRequest", "artifact_record", "artifact_suffixes",
+           "backend_for_format", "backend_packages", "get_backend", "list_backends", "register_backend"]

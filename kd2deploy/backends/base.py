@@ -17,11 +17,11 @@ import numpy as np
 from rich.console import Console
 
 from ..checkpoint import sha256
+from ..deploy.profiles import DeviceProfile, host_profile
 from ..errors import UserError
-from ..targets import TargetProfile, host_target
 
 if TYPE_CHECKING:  # the data module needs torch; runners must import without it (kd2deploy[edge])
-    from ..data import DataInfo
+    from ..data.sources import DataInfo
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"  # the I/O tensor names of every exported graph
 
@@ -33,11 +33,11 @@ LabelledBatches = Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]
 class ExportRequest:
     """What an exporter gets: the FP32 ONNX graph it builds from, the input description, the target and data."""
 
-    onnx_path: Path  # the verified-to-be FP32 graph, written by kd2deploy.onnx_export
+    onnx_path: Path  # the verified-to-be FP32 graph, written by kd2deploy.deploy.onnx
     info: DataInfo
     out_dir: Path  # the staging export folder: each artifact goes into its own sub-folder
     precisions: tuple[str, ...] = ("fp32",)
-    profile: TargetProfile = field(default_factory=host_target)
+    profile: DeviceProfile = field(default_factory=host_profile)
     calibration: Batches | None = None  # training images with the eval transform (INT8 needs them)
     calib_method: str = "minmax"
     validation: LabelledBatches | None = None  # val images and labels, for accuracy-controlled quantization
@@ -87,7 +87,12 @@ class Backend(ABC):
 
     name: ClassVar[str]  # registry key, recorded as the artifact's `backend`
     format: ClassVar[str | None] = None  # the `--format` it builds (None: a reference runtime that builds nothing)
+    suffix: ClassVar[str | None] = None  # the file suffix of its artifacts (what `eval` and `bench` accept)
     precisions: ClassVar[tuple[str, ...]] = ()  # what `export` can build
+    extra: ClassVar[str] = "train"  # the kd2deploy extra that installs its runtime (`pip install "kd2deploy[extra]"`)
+    packages: ClassVar[tuple[str, ...]] = ()  # its runtime's distributions: their versions go into manifests
+    marker: ClassVar[str] = "o"  # its matplotlib marker in bench plots
+    export_needs_runtime: ClassVar[bool] = True  # False: `export` builds what it can without it and says the rest
 
     @classmethod
     def unavailable(cls) -> str | None:
@@ -159,6 +164,15 @@ def get_backend(name: str) -> type[Backend]:
         raise UserError(f"Unknown backend `{name}`. Known backends: {', '.join(list_backends())}. A manifest naming "
                         "another one was written by a newer kd2deploy or by hand: re-export with "
                         "`kd2deploy export RUN_DIR`.") from None
+
+
+def artifact_suffixes() -> tuple[str, ...]:
+    return tuple(sorted({b.suffix for b in _backends.values() if b.format and b.suffix}))
+
+
+def backend_packages() -> dict[str, str]:
+    """Every backend runtime's distribution -> the kd2deploy extra that installs it."""
+    return {package: b.extra for b in _backends.values() for package in b.packages}
 
 
 def backend_for_format(file_format: str) -> type[Backend]:

@@ -1,16 +1,17 @@
 """ONNX Runtime: the FP32 ONNX graph and static INT8 (QDQ) models tuned per CPU target; runs .onnx files."""
 from __future__ import annotations
 
+import importlib.util
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
 from ..checkpoint import atomic_write
-from ..targets import resolve_ort_preset
+from ..deploy.profiles import resolve_ort_preset
+from ..errors import UserError
 from .base import INPUT_NAME, Backend, ExportRequest, artifact_record, register_backend
 
 ONNX_FILE = "model.onnx"
@@ -24,6 +25,12 @@ CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "
 PORTABLE_PRESET = {"quant_format": "QDQ", "activation_type": "QUInt8", "weight_type": "QInt8", "per_channel": True,
                    "reduce_range": True,
                    "op_types_to_quantize": None, "extra_options": {}}
+# TensorRT's explicit quantization takes symmetric int8 Q/DQ pairs only, one pair per consumer and on the weights
+# too: optimum's `tensorrt` preset, built in here so that the TensorRT graph never depends on optimum being present
+TENSORRT_PRESET = {"quant_format": "QDQ", "activation_type": "QInt8", "weight_type": "QInt8", "per_channel": True,
+                   "reduce_range": False, "op_types_to_quantize": None,
+                   "extra_options": {"ActivationSymmetric": True, "WeightSymmetric": True, "AddQDQPairToWeight": True,
+                                     "DedicatedQDQPair": True}}
 EXTRA_OPTIONS = {
     # the same ranges as keeping every intermediate output at once, in bounded memory on large inputs
     "CalibMaxIntermediateOutputs": 8,
@@ -33,9 +40,10 @@ EXTRA_OPTIONS = {
 
 
 def preset_settings(preset: str) -> tuple[str, dict[str, Any]]:
-    """quantize_static settings for an optimum AutoQuantizationConfig preset (static, per-channel weights);
-    `portable` or, when optimum-onnx is not installed, kd2deploy's portable preset. Returns (preset used, settings)."""
-    if preset != "portable":
+    """quantize_static settings for an optimum AutoQuantizationConfig preset (static, per-channel weights); the
+    built-in `tensorrt` and `portable` presets; for a CPU preset without optimum-onnx installed, `portable`.
+    Returns (preset used, settings)."""
+    if preset not in ("portable", "tensorrt"):
         try:
             from optimum.onnxruntime.configuration import AutoQuantizationConfig
         except ImportError:
@@ -51,11 +59,11 @@ def preset_settings(preset: str) -> tuple[str, dict[str, Any]]:
                                               "WeightSymmetric": config.weights_symmetric}}
     from onnxruntime.quantization import QuantFormat, QuantType
 
-    settings = dict(PORTABLE_PRESET)
+    settings = dict(TENSORRT_PRESET if preset == "tensorrt" else PORTABLE_PRESET)
     settings["quant_format"] = QuantFormat[settings["quant_format"]]
     settings["activation_type"], settings["weight_type"] = (QuantType[settings[k]] for k in ("activation_type",
                                                                                              "weight_type"))
-    return "portable", settings
+    return preset, settings
 
 
 def _calibration_reader(batches: Iterable[np.ndarray]):
@@ -117,6 +125,8 @@ def quantize_qdq(fp32_path: Path, out_path: Path, calibration: Iterable[np.ndarr
 
 
 def _providers() -> list[str]:
+    import onnxruntime as ort
+
     available = ort.get_available_providers()
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
@@ -124,10 +134,11 @@ def _providers() -> list[str]:
 @register_backend
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
-    format = "onnx"
+    format, suffix = "onnx", ".onnx"
     precisions = ("fp32", "int8")
+    extra, packages, marker = "edge", ("onnxruntime",), "s"
 
-    def __init__(self, session: ort.InferenceSession):
+    def __init__(self, session: Any):
         self.session = session
         self.input_name = session.get_inputs()[0].name
 
@@ -147,7 +158,18 @@ class OnnxRuntimeBackend(Backend):
         return records
 
     @classmethod
+    def unavailable(cls) -> str | None:
+        if importlib.util.find_spec("onnxruntime") is None:
+            return 'onnxruntime is not installed: pip install "kd2deploy[edge]" (or kd2deploy[train])'
+        return None
+
+    @classmethod
     def load(cls, path: Path, threads: int = 0) -> OnnxRuntimeBackend:
+        reason = cls.unavailable()
+        if reason:
+            raise UserError(f"{path} is an ONNX model, but {reason}.")
+        import onnxruntime as ort
+
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         return cls(ort.InferenceSession(str(path), options, providers=_providers()))

@@ -78,8 +78,9 @@ def quantize_int8(model, request: ExportRequest, transformer: bool) -> tuple[Any
 @register_backend
 class OpenVinoBackend(Backend):
     name = "openvino"
-    format = "openvino"
+    format, suffix = "openvino", ".xml"
     precisions = ("fp32", "fp16", "int8")
+    extra, packages, marker = "openvino", ("openvino", "nncf"), "^"
     timing_method = ("host wall clock per inference of a resident input (set on the request once, logits copied "
                      "out), as benchmark_app's inference-only mode; OpenVINO's own request latency alongside")
 
@@ -112,7 +113,7 @@ class OpenVinoBackend(Backend):
     def export(cls, request: ExportRequest) -> list[dict[str, Any]]:
         import openvino as ov
 
-        from ..onnx_export import is_transformer  # needs onnx, which running an IR does not
+        from ..deploy.onnx import is_transformer  # needs onnx, which running an IR does not
 
         out, records = request.out_dir, []
         transformer = is_transformer(request.onnx_path)

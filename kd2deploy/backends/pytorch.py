@@ -23,6 +23,7 @@ INSTALL_HINT = ('install the training stack (`pip install "kd2deploy[train]"`); 
 @register_backend
 class PyTorchBackend(Backend):
     name = "pytorch"
+    suffix, packages, marker = ".pt", ("torch",), "o"
 
     def __init__(self, model: Any, threads: int = 0, device: str = "cpu"):
         self.model, self.threads, self.device = model.eval().to(device), threads, device
@@ -41,7 +42,7 @@ class PyTorchBackend(Backend):
             raise UserError(f"{path} is a PyTorch checkpoint, but {reason}.")
         import torch
 
-        from ..engine import load_student
+        from ..train.student import load_student
 
         return cls(load_student(path)[0], threads, "cuda" if torch.cuda.is_available() else "cpu")
 
@@ -109,6 +110,7 @@ class CompiledPyTorchBackend(PyTorchBackend):
     mode="reduce-overhead" replays CUDA graphs."""
 
     name = "pytorch-compiled"
+    marker = "D"
 
     def __init__(self, model: Any, threads: int = 0, device: str = "cpu"):
         import torch

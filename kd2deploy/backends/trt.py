@@ -158,8 +158,10 @@ class TensorRtBackend(Backend):
     CUDA stream, and device buffers for the input and output sized for the largest batch seen so far."""
 
     name = "tensorrt"
-    format = "tensorrt"
+    format, suffix = "tensorrt", ".engine"
     precisions = ("fp32", "fp16", "int8")
+    extra, packages, marker = "tensorrt", ("tensorrt", "cuda-python"), "*"
+    export_needs_runtime = False  # the INT8 Q/DQ graph is built and verified anywhere; only engines need TensorRT
     timing_method = ("CUDA events around one enqueue of a resident input (a CUDA graph replay when the engine can be "
                      "captured), no host copies: trtexec's GPU compute time")
 
@@ -215,7 +217,7 @@ class TensorRtBackend(Backend):
             qdq = out / QDQ_NAME / ONNX_FILE
             quantization = quantize_for_tensorrt(request, qdq)
             records.append(artifact_record(qdq, out, name=QDQ_NAME, backend="onnxruntime", file_format="onnx",
-                                           precision="int8", quantization=quantization, engine_input=True))
+                                           precision="int8", quantization=quantization, intermediate=True))
             sources["int8"] = qdq
         reason = cls.build_unavailable()
         if reason:

@@ -11,7 +11,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 
 from ..errors import UserError
-from ..hooks import FeatureHooks
+from .hooks import FeatureHooks
 
 
 class MethodParams(BaseModel):
@@ -133,7 +133,7 @@ class Distiller(nn.Module):
 
 def require_distill_tokens(student: nn.Module, count: int, method: str, example: str) -> None:
     """A UserError unless `student` has exactly `count` distillation tokens (heads beside the class head)."""
-    from ..token_vit import num_distill_tokens
+    from ..models.token_vit import num_distill_tokens
 
     have = num_distill_tokens(student)
     if have != count:

@@ -40,8 +40,8 @@ from torch import Tensor, nn
 
 from ..distributed import all_reduce_mean_grads
 from ..errors import UserError
-from ..hooks import FeatureHooks, TransformerTap
 from .base import Distiller, MethodParams, StepOutput, kl_divergence
+from .hooks import FeatureHooks, TransformerTap
 from .registry import register_method
 
 

@@ -14,7 +14,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from ..errors import UserError
-from ..involution import Involution2d
+from ..models.involution import Involution2d
 from .base import Distiller, MethodParams, StepOutput, fused_logits, kl_divergence, require_distill_tokens
 from .registry import register_method
 

@@ -34,7 +34,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from ..errors import UserError
-from ..token_vit import distill_token_heads
+from ..models.token_vit import distill_token_heads
 from .base import Distiller, MethodParams, StepOutput, fused_logits, require_distill_tokens
 from .deit import token_distillation_loss
 from .registry import register_method

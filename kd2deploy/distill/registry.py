@@ -10,6 +10,10 @@ _METHODS: dict[str, type[Distiller]] = {}
 
 
 def register_method(cls: type[Distiller]) -> type[Distiller]:
+    """Class decorator: make a method available as `distill.method: <cls.name>`."""
+    if cls.name in _METHODS:
+        raise ValueError(f"Distillation method {cls.name!r} is registered twice ({_METHODS[cls.name].__name__}, "
+                         f"{cls.__name__}).")
     _METHODS[cls.name] = cls
     return cls
 

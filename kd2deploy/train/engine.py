@@ -20,17 +20,26 @@ from timm.scheduler import create_scheduler_v2
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from . import resident
+from ..checkpoint import (
+    RUN_FORMAT,
+    STUDENT,
+    STUDENT_FORMAT,
+    atomic_save,
+    atomic_write_text,
+    load_checkpoint,
+    provenance,
+)
+from ..data import resident
+from ..data.checks import SKIPPED_FILE
+from ..data.loaders import build_datasets, build_mixup, eval_loader, set_skip_log, skipped_images, train_loader
+from ..distill import Distiller, get_method_class
+from ..distill.teacher_cache import prepare_teacher_cache
+from ..distributed import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown
+from ..errors import UserError
+from ..models import create_model
+from ..recipe import Recipe, check_files, distill_params, migrate_data_section
 from .acceleration import Acceleration
-from .checkpoint import RUN_FORMAT, STUDENT, STUDENT_FORMAT, atomic_save, atomic_write_text, load_checkpoint, provenance
-from .data import build_datasets, build_mixup, eval_loader, train_loader
-from .distill import Distiller, get_method_class
-from .distributed import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown
-from .errors import UserError
 from .evaluate import evaluate
-from .models import create_model
-from .recipe import Recipe, check_files, distill_params
-from .teacher_cache import prepare_teacher_cache
 from .timing import PhaseClock
 
 LAST = "last.pt"
@@ -74,6 +83,8 @@ class Trainer:
 
         seed_everything(recipe.optim.seed)  # identical initial weights on every rank
         self.train_set, self.val_set, self.info = build_datasets(recipe.data, recipe.optim.seed)
+        self.image_sources = (self.train_set.dataset, self.val_set.dataset)  # before a teacher cache wraps them
+        set_skip_log(self.run_dir / SKIPPED_FILE, *self.image_sources)
         self.distiller = self._build_distiller().to(self.env.device)
         self.resident, data_note = resident.load(recipe.data, self.train_set.dataset, self.env.device)
         self.acceleration = Acceleration.from_recipe(recipe.optim, self.env.device, {
@@ -171,6 +182,10 @@ class Trainer:
         state = load_checkpoint(last)
         if not isinstance(state, dict) or state.get("format") != RUN_FORMAT:
             raise UserError(f"{last} is not a kd2deploy run checkpoint. Remove it or pick another `output.dir`.")
+        saved_data = state["recipe"]["data"]
+        if "split_rng" not in saved_data:  # recorded before kd2deploy 0.2: keep the split it trained on
+            state["recipe"]["data"] = migrate_data_section(saved_data)
+            self.recipe.data.split_rng = state["recipe"]["data"]["split_rng"]
         self._warn_recipe_changes(state["recipe"])
         return state
 
@@ -194,12 +209,28 @@ class Trainer:
         if self.env.is_main:
             self.console.print(f"Resuming {self.run_dir} after epoch {self.start_epoch}/{self.recipe.optim.epochs}")
 
+    def _list_skipped_images(self) -> None:
+        """One warning for the unreadable images the image folders left out, and their list in the run folder
+        (which decode failures met during training are appended to)."""
+        skipped = skipped_images(*self.image_sources)
+        if not skipped:
+            return
+        path = self.run_dir / SKIPPED_FILE
+        earlier = path.read_text().splitlines(keepends=True) if path.exists() else []  # decode failures so far
+        lines = [f"{p}\t{why}\n" for p, why in skipped]
+        atomic_write_text(path, "".join(dict.fromkeys(lines + earlier)))
+        names = ", ".join(Path(p).name for p, _ in skipped[:3])
+        more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        self.console.print(f"[yellow]warning: left out {len(skipped)} unreadable image(s) ({names}{more}); the list "
+                           f"is in {path}[/yellow]")
+
     # ----------------------------------------------------------------------------------------- loop
     def fit(self) -> dict[str, Any]:
         r = self.recipe
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "recipe.yaml", yaml.safe_dump(r.resolved(), sort_keys=False))
+            self._list_skipped_images()
             self._describe()
         writer = self._tensorboard()
         try:
@@ -380,29 +411,3 @@ class Trainer:
 def train(recipe: Recipe, recipe_file: str | None = None, resume: bool | str = False, overwrite: bool = False,
           console: Console | None = None) -> dict[str, Any]:
     return Trainer(recipe, recipe_file, resume=resume, overwrite=overwrite, console=console).fit()
-
-
-def student_checkpoint(run_dir: Path) -> Path:
-    """The student.pt of a run folder (or the file itself), with errors that say what to pass instead."""
-    if run_dir.is_file():
-        return run_dir
-    if not run_dir.is_dir():
-        raise UserError(f"Run folder {run_dir} does not exist. Give a run folder written by `kd2deploy train` "
-                        "(its output.dir, holding student.pt) or the student.pt itself.")
-    if not (run_dir / STUDENT).is_file():
-        raise UserError(f"{run_dir} holds no {STUDENT}. `kd2deploy train` writes it when a run finishes; finish the "
-                        "run (`kd2deploy train RECIPE --resume`) or give another run folder.")
-    return run_dir / STUDENT
-
-
-def load_student(path: Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a student from student.pt (or a run folder holding one); returns (model in eval mode, checkpoint)."""
-    path = student_checkpoint(Path(path))
-    ckpt = load_checkpoint(path)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != STUDENT_FORMAT:
-        raise UserError(f"{path} is not a kd2deploy student checkpoint (format {STUDENT_FORMAT}). Give a run folder "
-                        "or its student.pt, written by `kd2deploy train`.")
-    spec = ckpt["model"]
-    model = create_model(spec["name"], spec["num_classes"], kwargs=spec["kwargs"], field=f"{path}: model.name")
-    model.load_state_dict(ckpt["state_dict"])
-    return model.eval(), ckpt

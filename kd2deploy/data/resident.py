@@ -35,8 +35,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.ops import roi_align
 
-from .errors import UserError
-from .recipe import DataConfig
+from ..errors import UserError
+from ..recipe import DataConfig
 
 RENDERER = "roi_align"  # recorded in the teacher-output cache key
 

@@ -20,12 +20,12 @@ from typing import Any, Literal
 
 import torch
 from timm.layers import ConvNormAct, PatchEmbed, trunc_normal_
-from timm.models import build_model_with_cfg, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer, get_init_weights_vit
 from torch import Tensor, nn
 
-from .cifar import CIFAR_CFG
-from .errors import UserError
+from ..errors import UserError
+from .cifar import cifar_cfg
 from .involution import Involution2d
 
 HeadFusion = Literal["cls", "mean", "cls_dist_dense"]
@@ -178,11 +178,7 @@ def distill_token_heads(model: nn.Module) -> list[nn.Module]:
 
 
 def _token_vit(variant: str, pretrained: bool, defaults: dict[str, Any], kwargs: dict[str, Any]) -> TokenViT:
-    args = {**defaults, **kwargs}
-    cifar = args.get("img_size", 224) == 32
-    default_cfg = CIFAR_CFG if cifar else {"input_size": (3, 224, 224), "num_classes": 1000, "url": ""}
-    args["pretrained_cfg"] = args.get("pretrained_cfg") or dict(default_cfg)  # create_model passes None
-    return build_model_with_cfg(TokenViT, variant, pretrained, **args)
+    return build_model_with_cfg(TokenViT, variant, pretrained, **{**defaults, **kwargs})
 
 
 _NANO_32 = {"img_size": 32, "patch_size": 4, "embed_dim": 96, "depth": 6, "num_heads": 3}
@@ -190,6 +186,13 @@ _TINY_32 = {"img_size": 32, "patch_size": 4, "embed_dim": 192, "depth": 12, "num
 _TINY_224 = {"img_size": 224, "patch_size": 16, "embed_dim": 192, "depth": 12, "num_heads": 3}
 # CiT: the class token's prediction at inference, as the paper's text (its authors' code averages the three heads)
 _CIT = {"num_distill_tokens": 2, "stem": "co_advise", "head_fusion": "cls"}
+_HEADS = {"first_conv": "patch_embed.proj", "classifier": "head"}
+_IMAGENET = {"url": "", "num_classes": 1000, "input_size": (3, 224, 224), **_HEADS}
+default_cfgs = generate_default_cfgs({
+    "libkd_nano_patch4_32": cifar_cfg(**_HEADS), "libkd_tiny_patch16_224": _IMAGENET,
+    "cit_nano_patch4_32": cifar_cfg(**_HEADS), "cit_tiny_patch4_32": cifar_cfg(**_HEADS),
+    "cit_tiny_patch16_224": _IMAGENET,
+})
 
 
 @register_model

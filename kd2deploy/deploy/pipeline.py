@@ -1,4 +1,4 @@
-"""`kd2deploy export`: the student to ONNX, OpenVINO and TensorRT artifacts at the precisions a target profile
+"""`kd2deploy export`: the student to ONNX, OpenVINO and TensorRT artifacts at the precisions a device profile
 names; every artifact verified on real val images (parity with PyTorch, top-1) and INT8 timed against FP32 on the
 build machine; one folder per artifact and a manifest.json describing them all."""
 from __future__ import annotations
@@ -18,27 +18,22 @@ from rich.console import Console
 from rich.table import Column, Table
 from torch import nn
 
-from .artifacts import (
-    EVAL_BATCH,
-    MANIFEST,
-    MANIFEST_FORMAT,
-    check_summary,
-    data_config,
-    load_manifest,
-    print_table,
-)
-from .backends import Backend, BackendUnavailable, ExportRequest, backend_for_format, get_backend
-from .backends.ort import ONNX_FILE
-from .backends.pytorch import PyTorchBackend
-from .checkpoint import atomic_write_text, provenance, sha256
-from .data import CHANNELS, DataInfo, build_datasets, numpy_batches, random_subset, spread_subset
-from .engine import load_student, student_checkpoint
-from .errors import CheckFailed, UserError
-from .models import model_complexity
-from .onnx_export import export_onnx
-from .targets import CALIB_METHODS, FORMATS, PRECISIONS, TargetProfile, host_target, load_target
+from ..backends import Backend, BackendUnavailable, ExportRequest, backend_for_format, get_backend
+from ..backends.ort import ONNX_FILE
+from ..backends.pytorch import PyTorchBackend
+from ..checkpoint import atomic_write_text, provenance, sha256
+from ..console import print_table
+from ..data.loaders import build_datasets, numpy_batches, random_subset, spread_subset
+from ..data.sources import CHANNELS, DataInfo
+from ..errors import CheckFailed, UserError
+from ..models import model_complexity
+from ..train.student import load_student, student_checkpoint
+from .manifest import MANIFEST, MANIFEST_FORMAT, check_summary, data_config, load_manifest
+from .onnx import export_onnx
+from .profiles import CALIB_METHODS, FORMATS, PRECISIONS, DeviceProfile, host_profile, load_profile
 
 EXPORT_DIR = "export"
+EVAL_BATCH = 64
 FP32_ONNX = f"onnx-fp32/{ONNX_FILE}"
 SPEED_SECONDS = 1.5  # per artifact: enough batch-1 runs for a stable median on a quiet machine
 
@@ -59,6 +54,7 @@ class ExportSource:
     model_spec: dict[str, Any]
     checkpoint: dict[str, str]  # {"path", "sha256"} of the student.pt the artifacts descend from
     complexity: dict[str, Any]  # params and GFLOPs per image, for the manifest and bench tables
+    recorded_in: Path  # the file the data section was read from (for messages)
     export_dir: Path | None = None  # set when building from an export folder
 
 
@@ -70,14 +66,15 @@ def load_source(source: Path) -> ExportSource:
                             "manifest). Re-export it from its run folder with `kd2deploy export RUN_DIR`.")
         return ExportSource(None, DataInfo.from_dict(manifest["data_info"]), manifest["data"], manifest["split_seed"],
                             manifest["model"], manifest["source_checkpoint"],
-                            {k: manifest["model"][k] for k in ("params", "gflops") if k in manifest["model"]}, source)
+                            {k: manifest["model"][k] for k in ("params", "gflops") if k in manifest["model"]},
+                            source / MANIFEST, source)
     student_path = student_checkpoint(source)
     model, ckpt = load_student(student_path)
     recipe = ckpt["recipe"]
     checkpoint = {"path": str(student_path.resolve()), "sha256": sha256(student_path)}
     info = DataInfo.from_dict(ckpt["data"])
     return ExportSource(model, info, recipe["data"], recipe["optim"]["seed"], ckpt["model"], checkpoint,
-                        model_complexity(model, (CHANNELS, info.img_size, info.img_size)))
+                        model_complexity(model, (CHANNELS, info.img_size, info.img_size)), student_path)
 
 
 # ----------------------------------------------------------------------------------------- verification
@@ -85,14 +82,14 @@ def predict(runner: Backend, batches: Sequence[np.ndarray]) -> np.ndarray:
     return np.concatenate([runner.run(images) for images in batches])
 
 
-def verification(precision: str, logits: np.ndarray, reference: np.ndarray, targets: np.ndarray,
+def verification(precision: str, logits: np.ndarray, reference: np.ndarray, labels: np.ndarray,
                  atol: float) -> dict[str, Any]:
     """How an artifact's logits compare with the reference's (the PyTorch student's) on the same val images.
 
     FP32 and FP16 artifacts must match the logits within atol; INT8 ones cannot, so they are judged by how often
     their top-1 class agrees with the reference's. Every artifact reports its top-1 on the images."""
     predicted = logits.argmax(axis=1)
-    result: dict[str, Any] = {"samples": len(targets), "top1": 100 * float(np.mean(predicted == targets)),
+    result: dict[str, Any] = {"samples": len(labels), "top1": 100 * float(np.mean(predicted == labels)),
                               "top1_agreement": 100 * float(np.mean(predicted == reference.argmax(axis=1)))}
     if precision != "int8":
         max_abs_diff = float(np.abs(logits - reference).max())
@@ -106,16 +103,16 @@ def verify_artifacts(records: list[dict[str, Any]], out_dir: Path, reference: Ba
     """Fill in each record's `verification`; returns the reference's own top-1. Raises ExportVerificationError
     for logits beyond tolerance."""
     images = [x for x, _ in batches]
-    targets = np.concatenate([y for _, y in batches])
+    labels = np.concatenate([y for _, y in batches])
     expected = predict(reference, images)
-    reference_top1 = 100 * float(np.mean(expected.argmax(axis=1) == targets))
+    reference_top1 = 100 * float(np.mean(expected.argmax(axis=1) == labels))
     for record in records:
         try:
             runner = get_backend(record["backend"]).load(out_dir / record["file"])
         except UserError as exc:  # a TensorRT engine built by trtexec where the Python runtime is missing
             record["verification"] = {"skipped": str(exc)}
             continue
-        check = verification(record["precision"], predict(runner, images), expected, targets,
+        check = verification(record["precision"], predict(runner, images), expected, labels,
                              atol[record["precision"]])
         record["verification"] = {**check, "top1_drop": reference_top1 - check["top1"]}
     for record in records:
@@ -127,7 +124,7 @@ def verify_artifacts(records: list[dict[str, Any]], out_dir: Path, reference: Ba
                 f"atol={check['atol']:g}. Nothing was written to {destination}; a previous export there is "
                 "unchanged. Raise --atol (--atol-fp16 for FP16) if the difference is acceptable, or report the model "
                 "as an exporter problem.")
-    return {"backend": reference.name, "samples": len(targets), "top1": reference_top1}
+    return {"backend": reference.name, "samples": len(labels), "top1": reference_top1}
 
 
 def median_latency_ms(runner: Backend, shape: Sequence[int], seconds: float = SPEED_SECONDS) -> float:
@@ -143,7 +140,7 @@ def speed_check(records: list[dict[str, Any]], out_dir: Path, shape: Sequence[in
     recommended: dict[str, str] = {}
     by_backend: dict[str, dict[str, dict[str, Any]]] = {}
     for record in records:
-        if "skipped" in record["verification"] or record.get("engine_input"):
+        if "skipped" in record["verification"] or record.get("intermediate"):  # built as another artifact's input
             continue
         by_backend.setdefault(record["backend"], {})[record["precision"]] = record
     for backend, by_precision in by_backend.items():
@@ -165,7 +162,7 @@ def speed_check(records: list[dict[str, Any]], out_dir: Path, shape: Sequence[in
 
 
 # ----------------------------------------------------------------------------------------- manifest and folders
-def build_manifest(source: ExportSource, profile: TargetProfile, records: list[dict[str, Any]],
+def build_manifest(source: ExportSource, profile: DeviceProfile, records: list[dict[str, Any]],
                    reference: dict[str, Any], recommended: dict[str, str], skipped: list[dict[str, str]]
                    ) -> dict[str, Any]:
     info = source.info
@@ -252,92 +249,146 @@ def _checked(values: Sequence[str] | None, allowed: Sequence[str], option: str) 
 
 
 # ----------------------------------------------------------------------------------------- kd2deploy export
-def export_run(source_path: Path, out_dir: Path | None = None, formats: Sequence[str] | None = None,
-               precisions: Sequence[str] | None = None, target: str | None = None, calib_samples: int = 256,
-               calib_method: str | None = None, max_drop: float | None = None, atol: float = 1e-3,
-               atol_fp16: float = 5e-2, val_samples: int = 1000, dynamic_size: bool | None = None,
-               speed: bool = True, console: Console | None = None) -> dict[str, Any]:
-    """Build the artifacts a target profile asks for, verify each on real val images, time INT8 against FP32, and
-    write them, one folder each, with manifest.json. Returns the manifest plus `artifact_dir`.
+@dataclass
+class ExportPlan:
+    """What one export builds: from which source, for which profile, into which folder."""
 
-    source_path is a run folder / student.pt, or an export folder (then the artifacts are built from its ONNX graph
-    and added to it). Formats and precisions default to the profile's; the FP32 ONNX graph is always written, since
-    every other artifact is built from it."""
-    console = console or Console()
-    profile = load_target(target) if target else host_target()
+    source: ExportSource
+    profile: DeviceProfile
+    out_dir: Path
+    formats: list[str]
+    precisions: list[str]
+    calib_method: str
+    dynamic_size: bool
+
+    @property
+    def backends(self) -> list[type[Backend]]:
+        """The FP32 ONNX graph's backend first: every other artifact is built from that graph."""
+        return [backend_for_format(f) for f in ["onnx", *(f for f in self.formats if f != "onnx")]]
+
+
+def plan_export(source_path: Path, out_dir: Path | None, formats: Sequence[str] | None,
+                precisions: Sequence[str] | None, profile_name: str | None, calib_method: str | None,
+                dynamic_size: bool | None) -> ExportPlan:
+    """Check the options against the profile, then load the source (a run's student, or an export folder)."""
+    profile = load_profile(profile_name) if profile_name else host_profile()
     formats = _checked(formats, FORMATS, "--format") or list(profile.formats)
     precisions = _checked(precisions, PRECISIONS, "--precision") or list(profile.precisions)
     calib_method = calib_method or profile.onnxruntime.calib_method
     if calib_method not in CALIB_METHODS:
         raise UserError(f"--calib-method takes one of {', '.join(CALIB_METHODS)}; got `{calib_method}`.")
     source = load_source(Path(source_path))
-    if out_dir is None:
-        out_dir = source.export_dir or Path(source.checkpoint["path"]).parent / EXPORT_DIR
-    out_dir = Path(out_dir)
-    backends = [backend_for_format(f) for f in ["onnx", *(f for f in formats if f != "onnx")]]
+    out_dir = Path(out_dir) if out_dir is not None else (
+        source.export_dir or Path(source.checkpoint["path"]).parent / EXPORT_DIR)
+    return ExportPlan(source, profile, out_dir, formats, precisions, calib_method,
+                      profile.input.dynamic_size if dynamic_size is None else dynamic_size)
 
-    train, val, _ = build_datasets(data_config(source.data, Path(source_path)), source.seed, augment=False)
-    calibration = random_subset(train, calib_samples, source.seed)
-    val_images = spread_subset(val, val_samples)
-    val_batches = list(numpy_batches(val_images, EVAL_BATCH))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+
+@dataclass
+class ExportData:
+    """The run's own images: calibration (training images, eval transform) and validation batches."""
+
+    calibration: Any
+    val_batches: list[tuple[np.ndarray, np.ndarray]]
+
+    @functools.cached_property
+    def calibration_batches(self) -> list[np.ndarray]:  # decoded once, on first use, for every INT8 backend
+        return [images for images, _ in numpy_batches(self.calibration, EVAL_BATCH)]
+
+
+def export_data(plan: ExportPlan, calib_samples: int, val_samples: int) -> ExportData:
+    source = plan.source
+    train, val, _ = build_datasets(data_config(source.data, source.recorded_in), source.seed, augment=False)
+    return ExportData(random_subset(train, calib_samples, source.seed),
+                      list(numpy_batches(spread_subset(val, val_samples), EVAL_BATCH)))
+
+
+def write_onnx(plan: ExportPlan, stage: Path, console: Console) -> dict[str, Any] | None:
+    """The FP32 ONNX graph every artifact is built from: exported from the student, or copied from the source
+    export folder. Returns the exporter's details for its manifest record."""
+    onnx_path = stage / FP32_ONNX
+    onnx_path.parent.mkdir(parents=True)
+    source = plan.source
+    if source.model is None:
+        shutil.copy2(source.export_dir / FP32_ONNX, onnx_path)
+        return None
+    with console.status(f"exporting {source.model_spec['name']} to ONNX"):
+        return export_onnx(source.model, source.info, onnx_path, console, plan.profile.onnx.opset, plan.dynamic_size,
+                           plan.profile.onnx.simplify)
+
+
+def build_artifacts(plan: ExportPlan, data: ExportData, stage: Path, max_drop: float | None, console: Console
+                    ) -> tuple[list[dict[str, Any]], list[dict[str, str]], list[str]]:
+    """Every backend's artifacts in the staging folder: (records, skipped precisions, unavailable backends)."""
+    request = ExportRequest(
+        stage / FP32_ONNX, plan.source.info, stage, precisions=tuple(plan.precisions), profile=plan.profile,
+        calibration=lambda: iter(data.calibration_batches), calib_method=plan.calib_method,
+        validation=lambda: iter(data.val_batches), max_drop=max_drop, console=console)
+    records, skipped, unavailable = [], [], []
+    for backend in plan.backends:
+        asked = backend.format in plan.formats
+        skipped += [{"format": backend.format, "precision": p, "reason": f"{backend.name} does not build {p} artifacts"}
+                    for p in plan.precisions if p not in backend.precisions and asked]
+        reason = backend.unavailable() if backend.export_needs_runtime else None
+        if reason:
+            unavailable.append(f"No {backend.format} artifact was built: {reason}.")
+            continue
+        wanted = plan.precisions if asked else ["fp32"]  # the ONNX graph always; its INT8 only when asked for
+        try:
+            with console.status(f"building {backend.format} artifacts"):
+                records += backend.export(replace(request, precisions=tuple(wanted)))
+        except BackendUnavailable as exc:
+            records += exc.records
+            unavailable.append(str(exc))
+    return records, skipped, unavailable
+
+
+def export_run(source_path: Path, out_dir: Path | None = None, formats: Sequence[str] | None = None,
+               precisions: Sequence[str] | None = None, profile: str | None = None, calib_samples: int = 256,
+               calib_method: str | None = None, max_drop: float | None = None, atol: float = 1e-3,
+               atol_fp16: float = 5e-2, val_samples: int = 1000, dynamic_size: bool | None = None,
+               speed: bool = True, console: Console | None = None) -> dict[str, Any]:
+    """Build the artifacts a device profile (`--target`) asks for, verify each on real val images, time INT8 against
+    FP32, and write them, one folder each, with manifest.json. Returns the manifest plus `artifact_dir`.
+
+    The flow runs one way: plan (options, profile, source) -> data (calibration and val images) -> the FP32 ONNX
+    graph -> each backend's artifacts -> verification against the PyTorch student -> timing -> the manifest, all in
+    a staging folder that replaces `out_dir` only when everything passed. source_path is a run folder / student.pt,
+    or an export folder (then the artifacts are built from its ONNX graph and added to it). Formats and precisions
+    default to the profile's."""
+    console = console or Console()
+    plan = plan_export(source_path, out_dir, formats, precisions, profile, calib_method, dynamic_size)
+    data = export_data(plan, calib_samples, val_samples)
+    plan.out_dir.parent.mkdir(parents=True, exist_ok=True)
     # build and verify in a staging folder beside out_dir: a failed export leaves any previous export untouched
-    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent) as staging:
+    with tempfile.TemporaryDirectory(prefix=f".{plan.out_dir.name}.staging-", dir=plan.out_dir.parent) as staging:
         stage = Path(staging)
-        onnx_path = stage / FP32_ONNX
-        onnx_path.parent.mkdir(parents=True)
-        if source.model is not None:
-            with console.status(f"exporting {source.model_spec['name']} to ONNX"):
-                onnx_details = export_onnx(source.model, source.info, onnx_path, console, profile.onnx.opset,
-                                           profile.input.dynamic_size if dynamic_size is None else dynamic_size,
-                                           profile.onnx.simplify)
-        else:
-            shutil.copy2(source.export_dir / FP32_ONNX, onnx_path)
-            onnx_details = None
-        @functools.cache
-        def calibration_images() -> list[np.ndarray]:  # decoded once, on first use, for every INT8 backend
-            return [images for images, _ in numpy_batches(calibration, EVAL_BATCH)]
-
-        request = ExportRequest(
-            onnx_path, source.info, stage, precisions=tuple(precisions), profile=profile,
-            calibration=lambda: iter(calibration_images()),
-            calib_method=calib_method, validation=lambda: iter(val_batches), max_drop=max_drop, console=console)
-        records, skipped, unavailable = [], [], []
-        for backend in backends:
-            unsupported = [p for p in precisions if p not in backend.precisions and backend.format in formats]
-            skipped += [{"format": backend.format, "precision": p,
-                         "reason": f"{backend.name} does not build {p} artifacts"} for p in unsupported]
-            reason = None if backend.format == "tensorrt" else backend.unavailable()
-            if reason:  # (TensorRT builds its INT8 Q/DQ graph before it needs its runtime, so it checks itself)
-                unavailable.append(f"No {backend.format} artifact was built: {reason}.")
-                continue
-            # the ONNX graph is always written, its INT8 version only when the onnx format was asked for
-            wanted = precisions if backend.format in formats else ["fp32"]
-            try:
-                with console.status(f"building {backend.format} artifacts"):
-                    records += backend.export(replace(request, precisions=tuple(wanted)))
-            except BackendUnavailable as exc:
-                records += exc.records
-                unavailable.append(str(exc))
+        onnx_details = write_onnx(plan, stage, console)
+        records, skipped, unavailable = build_artifacts(plan, data, stage, max_drop, console)
+        fp32_onnx = next((r for r in records if r["file"] == FP32_ONNX), None)
+        if fp32_onnx is None:  # nothing can be verified without the ONNX graph's runtime
+            raise BackendUnavailable(" ".join(unavailable) + " Nothing was written.")
         if onnx_details is not None:
-            records[0].update(onnx_details)
-        with console.status(f"verifying {len(records)} artifacts on {len(val_images)} val images"):
-            reference = (PyTorchBackend(source.model) if source.model is not None
-                         else get_backend("onnxruntime").load(onnx_path))
-            reference_check = verify_artifacts(records, stage, reference, val_batches,
-                                               {"fp32": atol, "fp16": atol_fp16, "int8": atol}, out_dir)
+            fp32_onnx.update(onnx_details)
+        samples = sum(len(y) for _, y in data.val_batches)
+        with console.status(f"verifying {len(records)} artifacts on {samples} val images"):
+            reference = (PyTorchBackend(plan.source.model) if plan.source.model is not None
+                         else get_backend("onnxruntime").load(stage / FP32_ONNX))
+            reference_check = verify_artifacts(records, stage, reference, data.val_batches,
+                                               {"fp32": atol, "fp16": atol_fp16, "int8": atol}, plan.out_dir)
         recommended = {}
         if speed:
+            size = plan.source.info.img_size
             with console.status("timing the artifacts at batch 1"):
-                recommended = speed_check(records, stage, [CHANNELS, source.info.img_size, source.info.img_size],
-                                          profile.threads, console)
-        records += _carry_over(out_dir, stage, source, {r["name"] for r in records})
-        manifest = build_manifest(source, profile, records, reference_check, recommended, skipped)
+                recommended = speed_check(records, stage, [CHANNELS, size, size], plan.profile.threads, console)
+        records += _carry_over(plan.out_dir, stage, plan.source, {r["name"] for r in records})
+        manifest = build_manifest(plan.source, plan.profile, records, reference_check, recommended, skipped)
         atomic_write_text(stage / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-        replace_folder(stage, out_dir)
+        replace_folder(stage, plan.out_dir)
     print_table(console, artifact_table(manifest))
     for item in skipped:
         console.print(f"[yellow]skipped {item['format']} {item['precision']}: {item['reason']}[/yellow]")
     if unavailable:
-        raise BackendUnavailable(" ".join(unavailable) + f" The other artifacts and the manifest are in {out_dir}.")
-    return {**manifest, "artifact_dir": str(out_dir.resolve())}
+        raise BackendUnavailable(f"{' '.join(unavailable)} The other artifacts and the manifest are in "
+                                 f"{plan.out_dir}.")
+    return {**manifest, "artifact_dir": str(plan.out_dir.resolve())}

@@ -1,35 +1,59 @@
-"""Model creation: every model is built by timm.create_model; weights come from timm or a local file.
-
-kd2deploy registers a few CIFAR-size models with timm's registry, so recipes name them like any other.
-"""
+"""kd2deploy's CIFAR-size models, registered with timm: ViT/DeiT with 4x4 patches, ResNets with the CIFAR stem,
+Page's ResNet-9 and a small ViT with a convolutional stem. Recipes name them like any timm model."""
 from __future__ import annotations
 
 import math
 from functools import partial
-from pathlib import Path
 from typing import Any
 
-import timm
-import torch
 import torch.nn.functional as F
 from timm.layers import ConvNormAct, SelectAdaptivePool2d
-from timm.models import build_model_with_cfg, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.resnet import BasicBlock, ResNet
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from .checkpoint import load_checkpoint
-from .cifar import CIFAR_CFG, CIFAR_MEAN, CIFAR_STD, cifar_stem  # noqa: F401  (CIFAR_MEAN/STD: re-exported)
-from .errors import UserError
+from ..data.sources import CIFAR_MEAN, CIFAR_STD
+
+
+def cifar_cfg(**kwargs: Any) -> dict[str, Any]:
+    """A pretrained cfg (timm's `default_cfgs` entry) for a 32x32 CIFAR-10 model without published weights."""
+    return {"url": "", "num_classes": 10, "input_size": (3, 32, 32), "mean": CIFAR_MEAN, "std": CIFAR_STD,
+            "interpolation": "bilinear", "crop_pct": 1.0, **kwargs}
+
+
+_VIT = {"first_conv": "patch_embed.proj", "classifier": "head"}
+default_cfgs = generate_default_cfgs({
+    "vit_nano_patch4_32": cifar_cfg(**_VIT),
+    "deit_nano_distilled_patch4_32": cifar_cfg(**{**_VIT, "classifier": ("head", "head_dist")}),
+    "deit_tiny_distilled_patch4_32": cifar_cfg(**{**_VIT, "classifier": ("head", "head_dist")}),
+    "resnet10_cifar": cifar_cfg(first_conv="conv1", classifier="fc"),
+    "resnet18_cifar": cifar_cfg(first_conv="conv1", classifier="fc"),
+    "resnet9_cifar": cifar_cfg(first_conv="stem.conv", classifier="fc"),
+    "vit_convstem_cifar": cifar_cfg(first_conv="patch_embed.proj.0.conv", classifier="head"),
+})
+
+
+def cifar_stem(model: ResNet) -> ResNet:
+    """Give a timm ResNet the usual CIFAR stem: stride 1 and no max-pool, so a 32x32 input ends in a 4x4 map
+    (8x downsampling) instead of timm's 1x1 (32x). A single-conv stem becomes one 3x3 convolution; a deep stem
+    keeps its layers with its first convolution at stride 1."""
+    stem = model.conv1
+    if isinstance(stem, nn.Sequential):
+        stem[0].stride = (1, 1)
+    else:
+        model.conv1 = nn.Conv2d(stem.in_channels, stem.out_channels, 3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    for info in model.feature_info:
+        info["reduction"] = max(1, info["reduction"] // 4)  # the stem (2x) and max-pool (2x) are gone
+    return model
 
 
 def _cifar_vit(cls: type[VisionTransformer], variant: str, pretrained: bool, defaults: dict[str, Any],
                kwargs: dict[str, Any]) -> VisionTransformer:
     """timm's ViT/DeiT with CIFAR-size defaults; recipe kwargs (e.g. depth) override them."""
-    args = {"img_size": 32, "patch_size": 4, **defaults, **kwargs}
-    args["pretrained_cfg"] = args.get("pretrained_cfg") or dict(CIFAR_CFG)  # create_model passes None
-    return build_model_with_cfg(cls, variant, pretrained, **args)
+    return build_model_with_cfg(cls, variant, pretrained, **{"img_size": 32, "patch_size": 4, **defaults, **kwargs})
 
 
 @register_model
@@ -54,9 +78,7 @@ def deit_tiny_distilled_patch4_32(pretrained: bool = False, **kwargs: Any) -> Vi
 
 
 def _cifar_resnet(variant: str, pretrained: bool, layers: tuple[int, ...], kwargs: dict[str, Any]) -> ResNet:
-    args = dict(kwargs)
-    args["pretrained_cfg"] = args.get("pretrained_cfg") or dict(CIFAR_CFG)  # create_model passes None
-    return cifar_stem(build_model_with_cfg(ResNet, variant, pretrained, block=BasicBlock, layers=layers, **args))
+    return cifar_stem(build_model_with_cfg(ResNet, variant, pretrained, block=BasicBlock, layers=layers, **kwargs))
 
 
 @register_model
@@ -126,9 +148,8 @@ class _Residual(nn.Module):
 @register_model
 def resnet9_cifar(pretrained: bool = False, **kwargs: Any) -> ResNet9:
     """Page's ResNet-9 for 32x32 inputs (6.6M parameters at `width: 64`; 1.6M at `width: 32`)."""
-    args = dict(kwargs)
-    args["pretrained_cfg"] = args.get("pretrained_cfg") or {**CIFAR_CFG, "first_conv": "stem.conv", "classifier": "fc"}
-    return build_model_with_cfg(ResNet9, "resnet9_cifar", pretrained, feature_cfg={"out_indices": (0, 1, 2, 3)}, **args)
+    return build_model_with_cfg(ResNet9, "resnet9_cifar", pretrained, feature_cfg={"out_indices": (0, 1, 2, 3)},
+                                **kwargs)
 
 
 class ConvStemEmbed(nn.Module):
@@ -167,74 +188,3 @@ def vit_convstem_cifar(pretrained: bool = False, **kwargs: Any) -> VisionTransfo
     return _cifar_vit(VisionTransformer, "vit_convstem_cifar", pretrained,
                       {"embed_dim": 128, "depth": 6, "num_heads": 4, "mlp_ratio": 2.0, "class_token": False,
                        "global_pool": "avg", "embed_layer": stem}, kwargs)
-
-
-def create_model(name: str, num_classes: int, pretrained: bool = False, checkpoint: Path | None = None,
-                 kwargs: dict[str, Any] | None = None, field: str = "model") -> nn.Module:
-    """timm.create_model, then local weights if given. Problems become UserErrors naming `field`."""
-    try:
-        model = timm.create_model(name, pretrained=pretrained and checkpoint is None, num_classes=num_classes,
-                                  **(kwargs or {}))
-    except RuntimeError as exc:
-        if pretrained:
-            raise UserError(
-                f"Could not fetch timm's pretrained weights for `{name}` ({field}): {exc}. Without internet access, "
-                f"download the weights elsewhere and set `{field.rsplit('.', 1)[0]}.checkpoint` to the local file."
-            ) from None
-        raise UserError(f"timm could not build `{name}` ({field}): {exc}.") from None
-    except TypeError as exc:
-        raise UserError(f"timm could not build `{name}` ({field}) with kwargs {kwargs}: {exc}. "
-                        f"Remove or rename the offending key under `{field.rsplit('.', 1)[0]}.kwargs`.") from None
-    if checkpoint is not None:
-        load_weights(model, checkpoint, field=field.rsplit(".", 1)[0] + ".checkpoint")
-    return model
-
-
-def load_weights(model: nn.Module, path: Path, field: str = "checkpoint") -> None:
-    """Load a kd2deploy checkpoint, a {'state_dict'|'model': ...} dict or a plain state_dict into `model`."""
-    ckpt = load_checkpoint(path)
-    state = ckpt
-    for key in ("state_dict", "model_state", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"{path} ({field}) holds no model weights: expected a kd2deploy checkpoint or a state_dict "
-                        "of tensors. Point the field at a student.pt/last.pt from a run, or at a saved state_dict.")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-                  if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or mismatched:
-        details = "; ".join(filter(None, [
-            f"missing {', '.join(missing[:3])}{'...' if len(missing) > 3 else ''}" if missing else "",
-            f"unexpected {', '.join(unexpected[:3])}{'...' if len(unexpected) > 3 else ''}" if unexpected else "",
-            f"shape mismatch {', '.join(mismatched[:2])}" if mismatched else "",
-        ]))
-        raise UserError(f"The weights in {path} ({field}) do not fit the model `{type(model).__name__}`: {details}. "
-                        "Check that the model name, its kwargs and the number of classes match those the "
-                        "checkpoint was trained with.")
-    model.load_state_dict(state)
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def model_complexity(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, Any]:
-    """Parameters and GFLOPs for one image. torch's FlopCounterMode counts convolutions and matrix multiplies
-    (attention included) at 2 FLOPs per multiply-add, so ResNet-18 at 224 is 3.6 (the "1.8 GFLOPs" papers quote
-    are multiply-adds); elementwise work, such as involution's multiply-and-sum, is not counted."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, *input_shape))
-    model.train(was_training)
-    return {"params": count_params(model), "gflops": counter.get_total_flops() / 1e9}
-
-
-from . import involution, token_vit  # noqa: E402,F401  (register their models with timm)

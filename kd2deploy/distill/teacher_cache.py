@@ -38,12 +38,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 
-from .data import DataInfo, SampleDataset, eval_transform
-from .distributed import DistEnv, barrier
-from .errors import UserError
-from .recipe import Recipe
-from .resident import RENDERER as RESIDENT_RENDERER
-from .resident import ResidentImages, crop_padding, normalise, render
+from ..data.loaders import SampleDataset, eval_transform
+from ..data.resident import RENDERER as RESIDENT_RENDERER
+from ..data.resident import ResidentImages, crop_padding, normalise, render
+from ..data.sources import DataInfo
+from ..distributed import DistEnv, barrier
+from ..errors import UserError
+from ..recipe import Recipe
 
 FORMAT = 1
 DENSE_LAYOUT = "topk-logits+rest-mean"  # part of the key of dense caches: older layouts held probabilities
@@ -219,7 +220,8 @@ def dataset_digest(images: Dataset) -> dict[str, Any]:
         for i in order:
             digest.update(np.ascontiguousarray(data[i]).tobytes())
             digest.update(str(targets[i]).encode())
-    return {"type": type(images).__name__, "root": str(getattr(images, "root", "")), "count": len(order),
+    kind = next(c.__name__ for c in type(images).__mro__ if not c.__module__.startswith("kd2deploy"))
+    return {"type": kind, "root": str(getattr(images, "root", "")), "count": len(order),
             "sha256": digest.hexdigest()}
 
 

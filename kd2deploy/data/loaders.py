@@ -1,55 +1,26 @@
-"""Datasets and loaders: torchvision datasets, timm transforms and mixup, distributed samplers."""
+"""Training data in torch: the registry's datasets with timm transforms and mixup, seeded subsets, distributed
+samplers and loaders."""
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
+from timm.data import Mixup, create_transform
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode
 
-from .cifar import CIFAR_MEAN, CIFAR_STD
-from .errors import UserError
-from .recipe import DataConfig
-from .valdata import MINI_CIFAR10, spread_indices
-
-CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
-CIFAR100_STD = (0.2673, 0.2564, 0.2762)
-
-
-CHANNELS = 3  # every kd2deploy dataset yields RGB images, so every artifact takes 3-channel NCHW input
-
-
-@dataclass
-class DataInfo:
-    """What a deployed model needs to know about its inputs; stored in checkpoints and manifests."""
-
-    dataset: str
-    num_classes: int
-    class_names: list[str]
-    img_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str = "bilinear"
-    crop_pct: float = 1.0
-    root: str | None = None
-    val_dir: str = "val"
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["mean"], d["std"] = list(self.mean), list(self.std)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DataInfo:
-        d = dict(d)
-        d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
-        return cls(**d)
+from ..errors import UserError
+from ..recipe import DataConfig
+from .checks import DECODE_ERRORS, header_problem
+from .sources import DataInfo, default_stats, get_dataset
+from .valset import spread_indices
 
 
 class SampleDataset(Dataset):
@@ -65,6 +36,82 @@ class SampleDataset(Dataset):
     def __getitem__(self, index: int):
         image, target = self.dataset[index]
         return (self.transform(image) if self.transform else image), target, index
+
+
+class TolerantImageFolder(datasets.ImageFolder):
+    """torchvision's ImageFolder without the files whose header cannot be read (found in parallel threads when it
+    is made), showing the next image in place of one that fails to decode later (a truncated JPEG). `skipped`
+    lists what was left out; a later failure is appended to `skip_log` (set by the engine to the run folder's
+    list; loader processes write it directly) and warned about once per process."""
+
+    skip_log: Path | None = None
+
+    def __init__(self, root: str, max_bad_fraction: float, field: str):
+        super().__init__(root)
+        self.warned = False
+        with ThreadPoolExecutor(max_workers=min(32, 4 * (os.cpu_count() or 1))) as pool:
+            problems = list(pool.map(header_problem, (path for path, _ in self.samples), chunksize=256))
+        self.skipped = [(path, why) for (path, _), why in zip(self.samples, problems, strict=True) if why]
+        if len(self.skipped) > max_bad_fraction * len(self.samples):
+            names = ", ".join(Path(p).name for p, _ in self.skipped[:3])
+            raise UserError(f"{len(self.skipped)} of {len(self.samples)} images in {root} ({field}) cannot be read "
+                            f"(e.g. {names}): more than data.max_bad_fraction ({max_bad_fraction:g}). Run "
+                            f"`kd2deploy data check {root}` for the full list; fix or remove them, or raise "
+                            "data.max_bad_fraction to train without them.")
+        if self.skipped:
+            dropped = {path for path, _ in self.skipped}
+            self.samples = self.imgs = [s for s in self.samples if s[0] not in dropped]
+            self.targets = [target for _, target in self.samples]
+
+    def __getitem__(self, index: int) -> Any:
+        for attempt in range(min(len(self.samples), 16)):
+            i = (index + attempt) % len(self.samples)
+            try:
+                return super().__getitem__(i)
+            except DECODE_ERRORS as exc:
+                self._record(self.samples[i][0], f"{type(exc).__name__}: {exc}")
+        raise UserError(f"16 images in a row from {self.samples[index][0]} on cannot be decoded. Run "
+                        f"`kd2deploy data check {self.root}` to list them.")
+
+    def _record(self, path: str, why: str) -> None:
+        if self.skip_log is not None:
+            self.skip_log.parent.mkdir(parents=True, exist_ok=True)  # decoding may start before the run folder exists
+            with open(self.skip_log, "a") as f:
+                f.write(f"{path}\t{why}\n")
+        if not self.warned:
+            self.warned = True
+            print(f"warning: {path} cannot be decoded ({why}); the next image is used in its place"
+                  + (f", and such files are listed in {self.skip_log}" if self.skip_log else ""), file=sys.stderr)
+
+
+def image_folder(path: Path, field: str, max_bad_fraction: float) -> TolerantImageFolder:
+    if not path.is_dir():
+        raise UserError(f"Data folder {path} does not exist ({field}). Point `data.root` at a folder holding "
+                        "one sub-folder per class (ImageFolder layout), e.g. train/<class>/*.jpg and "
+                        "val/<class>/*.jpg.")
+    try:
+        return TolerantImageFolder(str(path), max_bad_fraction, field)
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise UserError(f"Data folder {path} ({field}) holds no images in ImageFolder layout ({exc}). "
+                        "It needs one sub-folder per class with .jpg/.png files inside.") from None
+
+
+def skipped_images(*folders: Dataset) -> list[tuple[str, str]]:
+    """What the TolerantImageFolders under `folders` (Subsets unwrapped) left out when they were made."""
+    out = []
+    for folder in folders:
+        while isinstance(folder, Subset):
+            folder = folder.dataset
+        out += getattr(folder, "skipped", [])
+    return out
+
+
+def set_skip_log(path: Path, *folders: Dataset) -> None:
+    for folder in folders:
+        while isinstance(folder, Subset):
+            folder = folder.dataset
+        if isinstance(folder, TolerantImageFolder):
+            folder.skip_log = path
 
 
 def eval_transform(info: DataInfo):
@@ -91,65 +138,18 @@ def train_transform(cfg: DataConfig, info: DataInfo):
     return transforms.Compose([geometric, *timm_stages[1:]])
 
 
-def _default_stats(dataset: str) -> tuple[tuple, tuple]:
-    if dataset in ("cifar10", "mini_cifar10"):
-        return CIFAR_MEAN, CIFAR_STD
-    if dataset == "cifar100":
-        return CIFAR100_MEAN, CIFAR100_STD
-    return IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
-
-def _image_folder(path: Path, field: str) -> datasets.ImageFolder:
-    if not path.is_dir():
-        raise UserError(f"Data folder {path} does not exist ({field}). Point `data.root` at a folder holding "
-                        "one sub-folder per class (ImageFolder layout), e.g. train/<class>/*.jpg and "
-                        "val/<class>/*.jpg.")
-    try:
-        return datasets.ImageFolder(str(path))
-    except (FileNotFoundError, RuntimeError) as exc:
-        raise UserError(f"Data folder {path} ({field}) holds no images in ImageFolder layout ({exc}). "
-                        "It needs one sub-folder per class with .jpg/.png files inside.") from None
-
-
-def _cifar(cfg: DataConfig, train: bool) -> Dataset:
-    cls = datasets.CIFAR10 if cfg.dataset == "cifar10" else datasets.CIFAR100
-    folder = "cifar-10-batches-py" if cfg.dataset == "cifar10" else "cifar-100-python"
-    try:
-        return cls(str(cfg.root), train=train, download=cfg.download)
-    except RuntimeError as exc:
-        raise UserError(f"{cfg.dataset} was not found under {cfg.root} (data.root): {exc}. Point `data.root` at the "
-                        f"folder holding torchvision's `{folder}`, or set `data.download: true` on a machine with "
-                        "internet access.") from None
-
-
 def _raw_splits(cfg: DataConfig, seed: int) -> tuple[Dataset, Dataset, list[str]]:
     """Untransformed train and val datasets of (PIL image, class index), and the class names."""
-    if cfg.dataset == "mini_cifar10":
-        train = _image_folder(MINI_CIFAR10 / "train", "bundled mini_cifar10")
-        return train, _image_folder(MINI_CIFAR10 / "val", "bundled mini_cifar10"), train.classes
-    if cfg.root is None:
+    source = get_dataset(cfg.dataset)
+    if source.needs_root and cfg.root is None:
         raise UserError(f"Dataset `{cfg.dataset}` needs `data.root`: the folder that holds it.")
-    if cfg.dataset in ("cifar10", "cifar100"):
-        train = _cifar(cfg, True)
-        return train, _cifar(cfg, False), train.classes
-    root = Path(cfg.root)
-    if not root.is_dir():
-        raise UserError(f"Data root {root} (data.root) does not exist. Point it at the folder that holds "
-                        f"`{cfg.train_dir}/` and `{cfg.val_dir}/` in ImageFolder layout.")
-    train = _image_folder(root / cfg.train_dir, "data.train_dir")
-    if (root / cfg.val_dir).is_dir():
-        return train, _image_folder(root / cfg.val_dir, "data.val_dir"), train.classes
-    if cfg.val_fraction is None:
-        raise UserError(f"{root} has no `{cfg.val_dir}/` folder (data.val_dir). Add one, name the right folder in "
-                        "`data.val_dir`, or set `data.val_fraction` (e.g. 0.1) to hold out part of the training set.")
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = max(1, int(len(order) * cfg.val_fraction))
-    return Subset(train, order[n_val:]), Subset(train, order[:n_val]), train.classes
+    return source.training_splits(cfg, seed)
 
 
 def _info(cfg: DataConfig, class_names: list[str]) -> DataInfo:
-    default_mean, default_std = _default_stats(cfg.dataset)
-    root = str(MINI_CIFAR10) if cfg.dataset == "mini_cifar10" else (str(cfg.root) if cfg.root else None)
+    default_mean, default_std = default_stats(cfg.dataset)
+    root = get_dataset(cfg.dataset).root(cfg)
+    root = str(root) if root else None
     return DataInfo(dataset=cfg.dataset, num_classes=len(class_names), class_names=list(class_names),
                     img_size=cfg.img_size, mean=tuple(cfg.mean or default_mean), std=tuple(cfg.std or default_std),
                     interpolation=cfg.interpolation, crop_pct=cfg.crop_pct, root=root, val_dir=cfg.val_dir)
@@ -177,7 +177,7 @@ def val_dataset(cfg: DataConfig, seed: int = 0) -> SampleDataset:
 
 
 def spread_subset(dataset: Dataset, n: int | None) -> Dataset:
-    """n images at valdata.spread_indices (all of them when n is None or larger)."""
+    """n images at valset.spread_indices (all of them when n is None or larger)."""
     if n is None or n >= len(dataset):
         return dataset
     return Subset(dataset, spread_indices(len(dataset), n).tolist())
@@ -217,18 +217,3 @@ def eval_loader(dataset: Dataset, batch_size: int, num_workers: int, rank: int =
     """Strided shard per process, no padding, so reduced metrics count every image exactly once."""
     shard = Subset(dataset, list(range(rank, len(dataset), world_size)))
     return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory)
-
-
-class HeldOutValSplit:
-    """A recorded held-out part of a training folder (data.val_fraction) as labelled numpy batches, rebuilt with
-    the same torch generator as in training (valdata.LabelledImages)."""
-
-    def __init__(self, data: dict[str, Any], seed: int, samples: int | None):
-        self.dataset = spread_subset(val_dataset(DataConfig.model_validate(data), seed), samples)
-        self.source = f"{data['root']} (val_fraction {data['val_fraction']} of {data['train_dir']}/, seed {seed})"
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        yield from numpy_batches(self.dataset, batch_size)

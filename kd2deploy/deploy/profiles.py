@@ -1,8 +1,8 @@
-"""Deployment target profiles: the YAML files in the repository's export/ folder, validated by pydantic.
+"""Deployment target profiles: the YAML files in kd2deploy/deploy/profiles/ (package data), validated by pydantic.
 
 A profile says which formats and precisions suit a device, how many threads it runs, which INT8 preset its
 runtime's kernels want and which input shapes to build for. `kd2deploy export --target NAME` reads one; without
---target the build machine's own CPU profile is used (`host_target`).
+--target the build machine's own CPU profile is used (`host_profile`).
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from typing import Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import UserError
-from .machine import cpu_flags
+from ..errors import UserError, validation_problems
+from ..machine import cpu_flags
 
 Format = Literal["onnx", "openvino", "tensorrt"]
 Precision = Literal["fp32", "fp16", "int8"]
@@ -22,6 +22,9 @@ CalibMethod = Literal["minmax", "entropy", "percentile"]
 # optimum's AutoQuantizationConfig presets, plus `portable` (kd2deploy's own, for machines without optimum)
 OrtPreset = Literal["auto", "avx2", "avx512", "avx512_vnni", "arm64", "tensorrt", "portable"]
 FORMATS, PRECISIONS, CALIB_METHODS = get_args(Format), get_args(Precision), get_args(CalibMethod)
+# 18 is the opset torch's dynamo exporter (torchlib) is written in: higher opsets need a version-conversion pass
+# after export, and 18 already runs on every runtime kd2deploy targets (ONNX Runtime >= 1.14, OpenVINO, TensorRT 8.6+).
+OPSET = 18
 
 
 class _Section(BaseModel):
@@ -34,7 +37,7 @@ class InputSettings(_Section):
 
 
 class OnnxSettings(_Section):
-    opset: int = Field(18, ge=13, le=18, description="18 is what torch's dynamo exporter writes natively")
+    opset: int = Field(OPSET, ge=13, le=OPSET, description="18 is what torch's dynamo exporter writes natively")
     simplify: bool = Field(True, description="run onnxslim (constant folding, dead-node removal, fusions)")
 
 
@@ -67,7 +70,7 @@ class TensorRtSettings(_Section):
     workspace_mib: int = Field(1024, ge=64)
 
 
-class TargetProfile(_Section):
+class DeviceProfile(_Section):
     name: str
     description: str = ""
     device: Literal["cpu", "cuda"] = "cpu"
@@ -82,41 +85,41 @@ class TargetProfile(_Section):
     source: str | None = Field(None, description="the file the profile was read from (filled in when loaded)")
 
 
-def targets_dir() -> Path:
-    """The repository's export/ folder (kd2deploy installs from a clone, editable)."""
-    return Path(__file__).resolve().parent.parent / "export"
+def profiles_dir() -> Path:
+    """The bundled profiles: package data, in wheel and editable installs alike."""
+    return Path(__file__).resolve().parent / "profiles"
 
 
-def list_targets() -> list[str]:
-    return sorted(p.stem for p in targets_dir().glob("*.yaml"))
+def list_profiles() -> list[str]:
+    return sorted(p.stem for p in profiles_dir().glob("*.yaml"))
 
 
-def load_target(name_or_path: str) -> TargetProfile:
-    """A bundled profile by name (export/NAME.yaml) or a profile file by path."""
+def load_profile(name_or_path: str) -> DeviceProfile:
+    """A bundled profile by name (profiles/NAME.yaml) or a profile file by path."""
     path = Path(name_or_path)
     if not path.is_file():
-        path = targets_dir() / f"{name_or_path}.yaml"
+        path = profiles_dir() / f"{name_or_path}.yaml"
     if not path.is_file():
         raise UserError(f"Unknown export target `{name_or_path}`: it is neither a profile file nor one of the "
-                        f"bundled profiles ({', '.join(list_targets())}) in {targets_dir()}. Give one of those names "
+                        f"bundled profiles ({', '.join(list_profiles())}) in {profiles_dir()}. Give one of those names "
                         "or the path of a profile YAML.")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise UserError(f"Export target profile {path} is not valid YAML ({str(exc).splitlines()[0]}). Fix the "
-                        "file; export/laptop-x86.yaml is a complete example.") from None
+                        "file; the bundled kd2deploy/deploy/profiles/laptop-x86.yaml is a complete example.") from None
     try:
-        return TargetProfile.model_validate({**(raw or {}), "source": str(path)})
+        return DeviceProfile.model_validate({**(raw or {}), "source": str(path)})
     except ValidationError as exc:
-        problems = "; ".join(f"field `{'.'.join(str(p) for p in e['loc'])}`: {e['msg']}" for e in exc.errors())
-        raise UserError(f"Export target profile {path}: {problems}. Fix the file; export/laptop-x86.yaml lists "
-                        "every field.") from None
+        problems = validation_problems(exc)
+        raise UserError(f"Export target profile {path}: {problems}. Fix the file; the bundled "
+                        "kd2deploy/deploy/profiles/laptop-x86.yaml lists every field.") from None
 
 
-def host_target() -> TargetProfile:
+def host_profile() -> DeviceProfile:
     """The profile for the machine kd2deploy runs on: arm64-cpu on ARM, laptop-x86 otherwise."""
     is_arm = platform.machine().lower() in ("arm64", "aarch64")
-    return load_target("arm64-cpu" if is_arm else "laptop-x86")
+    return load_profile("arm64-cpu" if is_arm else "laptop-x86")
 
 
 def resolve_ort_preset(preset: str) -> str:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .distributed import DistEnv, all_reduce_sum
+from ..distributed import DistEnv, all_reduce_sum
 
 
 @torch.no_grad()

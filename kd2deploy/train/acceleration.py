@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .machine import BF16_FLAGS, busy_cores_elsewhere, cpu_flags, usable_cores
+from ..machine import BF16_FLAGS, busy_cores_elsewhere, cpu_flags, usable_cores
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 _KEEP_BYTES = 1 << 30

@@ -11,16 +11,14 @@ from typing import Any
 import onnx
 import torch
 from rich.console import Console
+from rich.markup import escape
 from torch import nn
 
-from .backends.base import INPUT_NAME, OUTPUT_NAME
-from .checkpoint import atomic_write
-from .data import CHANNELS, DataInfo
-from .errors import UserError
-
-# 18 is the opset torch's dynamo exporter (torchlib) is written in: higher opsets need a version-conversion pass
-# after export, and 18 already runs on every runtime kd2deploy targets (ONNX Runtime >= 1.14, OpenVINO, TensorRT 8.6+).
-OPSET = 18
+from ..backends.base import INPUT_NAME, OUTPUT_NAME
+from ..checkpoint import atomic_write
+from ..data.sources import CHANNELS, DataInfo
+from ..errors import UserError
+from .profiles import OPSET
 
 
 @contextlib.contextmanager
@@ -61,7 +59,7 @@ def export_onnx(model: nn.Module, info: DataInfo, path: Path, console: Console, 
             raise UserError(f"The student cannot be exported with a dynamic input size ({type(exc).__name__}: "
                             f"{first_line}). ViTs have a fixed position table; export without --dynamic-size (or "
                             "set input.dynamic_size: false in the target profile).") from None
-        console.print(f"[yellow]The dynamo ONNX exporter failed ({type(exc).__name__}: {first_line}); "
+        console.print(f"[yellow]The dynamo ONNX exporter failed ({type(exc).__name__}: {escape(first_line)}); "
                       "falling back to the TorchScript exporter.[/yellow]")
         with _exporter_prints_hidden():
             atomic_write(path, torchscript)
@@ -85,7 +83,8 @@ def simplify_onnx(path: Path, console: Console) -> str | None:
         atomic_write(path, lambda tmp: onnx.save(slim, str(tmp)))
     except Exception as exc:  # onnxslim raises whatever its passes raise
         console.print(f"[yellow]onnxslim could not simplify the graph ({type(exc).__name__}: "
-                      f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); keeping the exported graph.[/yellow]")
+                      f"{escape(str(exc).splitlines()[0][:200]) if str(exc) else ''}); keeping the exported "
+                      "graph.[/yellow]")
         return None
     return f"onnxslim {onnxslim.__version__}"
 

@@ -11,11 +11,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.layers import ConvNormAct
-from timm.models import build_model_with_cfg, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.resnet import Bottleneck, ResNet
 from torch import Tensor, nn
 
-from .cifar import CIFAR_CFG, cifar_stem
+from .cifar import cifar_cfg, cifar_stem
 
 # elements of one (images × channels × output pixels) chunk in the shift-and-accumulate kernel: a chunk's input,
 # output and kernels stay in the CPU's L2/L3 cache across the K² passes (measured best between 2^18 and 2^20)
@@ -187,9 +187,12 @@ class InvolutionBottleneck(Bottleneck):
 
 
 _REDNET_LAYERS = {"rednet26": (1, 2, 4, 1), "rednet38": (2, 3, 5, 2), "rednet50": (3, 4, 6, 3)}
-_IMAGENET_CFG = {"input_size": (3, 224, 224), "num_classes": 1000, "interpolation": "bicubic", "url": "",
-                 "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "first_conv": "conv1.0",
-                 "classifier": "fc"}
+_IMAGENET = {"url": "", "num_classes": 1000, "input_size": (3, 224, 224), "interpolation": "bicubic",
+             "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "first_conv": "conv1.0", "classifier": "fc"}
+default_cfgs = generate_default_cfgs({
+    **{name: _IMAGENET for name in _REDNET_LAYERS},
+    **{f"{name}_cifar": cifar_cfg(first_conv="conv1.0", classifier="fc") for name in _REDNET_LAYERS},
+})
 
 
 def _rednet(variant: str, pretrained: bool, cifar: bool, kwargs: dict[str, Any]) -> ResNet:
@@ -198,8 +201,6 @@ def _rednet(variant: str, pretrained: bool, cifar: bool, kwargs: dict[str, Any])
     block_args = {"involution_kernel": kwargs.pop("involution_kernel", 7),
                   "group_channels": kwargs.pop("group_channels", 16), **kwargs.pop("block_args", {})}
     args = {"stem_type": "deep", "stem_width": 32, **kwargs}
-    default_cfg = {**CIFAR_CFG, "first_conv": "conv1.0", "classifier": "fc"} if cifar else _IMAGENET_CFG
-    args["pretrained_cfg"] = args.get("pretrained_cfg") or dict(default_cfg)  # create_model passes None
     model = build_model_with_cfg(ResNet, variant, pretrained, block=InvolutionBottleneck,
                                  layers=_REDNET_LAYERS[variant.removesuffix("_cifar")], block_args=block_args,
                                  **args)

@@ -1,6 +1,9 @@
 """Val images without torch: ImageFolder and CIFAR readers, timm's eval transform in numpy and Pillow, and top-1
 of any runner. This is what `kd2deploy eval` and `kd2deploy bench` read images with, so they run on a device that
-has only an export folder and a runtime (kd2deploy[edge]); tests check the pixels equal timm's transform."""
+has only an export folder and a runtime (kd2deploy[edge]); tests check the pixels equal timm's transform.
+
+CIFAR's python batches are pickles, and a pickle can name any importable callable (that is how a hostile one runs
+code), so they are read by an unpickler that accepts only containers, strings, bytes and numpy arrays."""
 from __future__ import annotations
 
 import math
@@ -14,9 +17,9 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from .errors import UserError
+from ..errors import UserError
+from .sources import get_dataset
 
-MINI_CIFAR10 = Path(__file__).resolve().parent / "assets" / "mini_cifar10"
 # torchvision.datasets.folder.IMG_EXTENSIONS: the same files count as images, so splits have the same order
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 PIL_FILTERS = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
@@ -90,11 +93,14 @@ class ValSet:
         return len(self.labels)
 
     def spread(self, n: int | None) -> ValSet:
-        """n images at spread_indices (all when n is None or larger), as kd2deploy.data.spread_subset picks."""
+        """n images at spread_indices (all when n is None or larger), as data.loaders.spread_subset picks."""
         if n is None or n >= len(self):
             return self
-        picked = spread_indices(len(self), n)
-        return ValSet([self.items[i] for i in picked], self.labels[picked], self.open, self.transform, self.source)
+        return self.subset(spread_indices(len(self), n), self.source)
+
+    def subset(self, indices: Sequence[int], source: str) -> ValSet:
+        picked = np.asarray(indices, dtype=np.int64)
+        return ValSet([self.items[i] for i in picked], self.labels[picked], self.open, self.transform, source)
 
     def batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for start in range(0, len(self), batch_size):
@@ -138,50 +144,51 @@ def image_folder(root: Path, class_names: Sequence[str], transform: EvalTransfor
     return ValSet(paths, np.asarray(labels, dtype=np.int64), _open_file, transform, str(root))
 
 
-def cifar_test_split(root: Path, dataset: str, transform: EvalTransform) -> ValSet:
+class _ArraysOnly(pickle.Unpickler):
+    """An unpickler for CIFAR's python batches: dicts, lists, strings, bytes and numpy arrays, nothing else."""
+
+    ALLOWED = frozenset({("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                         ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+                         ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")})
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it names `{module}.{name}`, which a CIFAR batch never holds (a pickle "
+                                         "that names callables can run code)")
+        return super().find_class(module, name)
+
+
+def load_cifar_pickle(path: Path) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        return _ArraysOnly(f, encoding="latin1").load()
+
+
+def cifar_pickle(path: Path, label_key: str, dataset: str, folder: str, transform: EvalTransform) -> ValSet:
     """torchvision's CIFAR-10/100 test split, read from its python pickle without torchvision."""
-    folder, file, key = {"cifar10": ("cifar-10-batches-py", "test_batch", "labels"),
-                         "cifar100": ("cifar-100-python", "test", "fine_labels")}[dataset]
-    path = Path(root) / folder / file
     try:
-        with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")
-    except (OSError, pickle.UnpicklingError, EOFError) as exc:
+        entry = load_cifar_pickle(path)
+        images = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        labels = np.asarray(entry[label_key], dtype=np.int64)
+    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as exc:
         raise UserError(f"{dataset} test split {path} cannot be read ({exc}). Point data.root at the folder holding "
                         f"torchvision's `{folder}`, or give --val DIR with images in class folders.") from None
-    images = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    return ValSet(images, np.asarray(entry[key], dtype=np.int64), Image.fromarray, transform, str(path))
-
-
-def is_held_out_split(data: dict[str, Any]) -> bool:
-    """Whether a recorded data section's val split is a held-out part of its training folder (data.val_fraction):
-    that split comes from torch's generator, so only kd2deploy.data rebuilds it."""
-    val_dir = Path(data["root"]) / data["val_dir"] if data.get("root") is not None else None
-    return (data["dataset"] == "imagefolder" and val_dir is not None and not val_dir.is_dir()
-            and data.get("val_fraction") is not None)
+    return ValSet(images, labels, Image.fromarray, transform, str(path))
 
 
 def recorded_val_set(data: dict[str, Any], seed: int, class_names: Sequence[str], transform: EvalTransform,
-                     samples: int | None = None, where: str = "the manifest") -> LabelledImages:
+                     samples: int | None = None, where: str = "the manifest") -> ValSet:
     """The val split of the run a model comes from, rebuilt from its recorded data section."""
-    dataset = data["dataset"]
-    if dataset == "mini_cifar10":
-        return image_folder(MINI_CIFAR10 / "val", class_names, transform, "bundled mini_cifar10").spread(samples)
-    if data.get("root") is None:
+    source = get_dataset(data["dataset"])
+    if source.needs_root and data.get("root") is None:
         raise UserError(f"The data section in {where} has no root, so its val split cannot be found here. "
                         "Give --val DIR: a folder with one sub-folder per class.")
-    if dataset in ("cifar10", "cifar100"):
-        return cifar_test_split(Path(data["root"]), dataset, transform).spread(samples)
-    if is_held_out_split(data):
-        raise ValueError("a held-out split: kd2deploy.data.HeldOutValSplit rebuilds it")
-    return image_folder(Path(data["root"]) / data["val_dir"], class_names, transform,
-                        f"data.val_dir in {where}").spread(samples)
+    return source.val_images(data, seed, class_names, transform, where).spread(samples)
 
 
 def evaluate_runner(run: Callable[[np.ndarray], np.ndarray], images: LabelledImages, batch_size: int = 64
                     ) -> dict[str, float]:
     """{loss, top1, top5, count} of run(batch) -> logits over labelled images: the same figures as
-    kd2deploy.evaluate for PyTorch models, in numpy."""
+    kd2deploy.train.evaluate for PyTorch models, in numpy."""
     loss = correct1 = correct5 = count = 0.0
     for batch, labels in images.batches(batch_size):
         logits = np.asarray(run(batch), dtype=np.float64)
