@@ -275,7 +275,8 @@ def markdown(results: dict[str, Any]) -> str:
                 verdict = ("yes" if d > max(s["std"], base["std"]) else "no") if min(s["n"], base["n"]) > 1 else "-"
             agreement = [a for r in s["rows"] for a in r["agreement"].values()]
             agree = f"{statistics.mean(agreement):.1f}" if agreement else ""
-            lines.append(f"| {method} | {s['n']} | {s['mean']:.2f} ± {s['std']:.2f} | {delta} | {verdict} | "
+            spread = f" ± {s['std']:.2f}" if s["n"] > 1 else " (one seed)"
+            lines.append(f"| {method} | {s['n']} | {s['mean']:.2f}{spread} | {delta} | {verdict} | "
                          f"{s['s_per_epoch']:.0f} | {agree} |")
     return "\n".join(lines) + "\n"
 

@@ -44,6 +44,8 @@ class AugmentConfig(Section):
     color_jitter: float | None = 0.4
     auto_augment: str | None = Field(None, description="timm auto-augment string, e.g. rand-m9-mstd0.5")
     re_prob: float = Field(0.0, ge=0, le=1, description="random erasing probability")
+    cutout: int = Field(0, ge=0, description="Cutout (DeVries & Taylor 2017): zero a square of this many pixels at a "
+                                             "random centre of every training image, after normalisation; 0: off")
     mixup: float = Field(0.0, ge=0, description="mixup alpha, 0 disables")
     cutmix: float = Field(0.0, ge=0, description="cutmix alpha, 0 disables")
     mixup_prob: float = Field(1.0, ge=0, le=1)

@@ -230,6 +230,32 @@ def test_the_teacher_caches_padded_views_are_the_same_pixels_on_both_paths(tmp_p
     torch.testing.assert_close(resident_views, pil_views, rtol=0, atol=1e-5)
 
 
+def test_cutout_zeroes_one_square_clipped_at_the_border():
+    torch.manual_seed(0)
+    images = resident.cutout_(torch.ones(4000, 3, 32, 32), 8)
+    zeros = images == 0
+    assert torch.equal(zeros.all(1), zeros.any(1))  # every channel of a pixel together
+    square = zeros[:, 0]
+    rows, cols, area = square.any(2).sum(1), square.any(1).sum(1), square.sum((1, 2))
+    assert torch.equal(area, rows * cols) and rows.max() == 8 and cols.max() == 8
+    assert rows.min() >= 4 and cols.min() >= 4  # its centre is always inside the image
+    unclipped = (area == 64).float().mean().item()
+    assert unclipped == pytest.approx((25 / 32) ** 2, abs=0.03)  # centres 4..28 keep the whole square
+
+
+def test_cutout_on_the_loader_and_resident_paths(tmp_path):
+    recipe = _data_recipe(tmp_path, crop="padded", cutout=8)
+    train, _, info = build_datasets(recipe.data, seed=0)
+    torch.manual_seed(0)
+    loader = torch.stack([train[i][0] for i in range(0, 600, 3)])
+    images = resident.ResidentImages.decode(train.dataset, CPU, num_workers=0)
+    resident_batch, _ = resident.augmenting_batches(images, recipe.data, info.mean, info.std)(torch.arange(0, 600, 3))
+    for batch in (loader, resident_batch):
+        per_image = (batch == 0).all(1).sum((1, 2)).float()
+        assert per_image.min() >= 16 and per_image.max() == 64
+        assert per_image.mean().item() == pytest.approx(7.5**2, abs=3)  # E[side] is 7.5 with clipping
+
+
 @pytest.mark.parametrize("augment, field", [({"color_jitter": 0.4}, "data.augment.color_jitter"),
                                             ({"auto_augment": "rand-m9-mstd0.5"}, "data.augment.auto_augment")])
 def test_resident_falls_back_for_augmentations_it_cannot_do(tmp_path, augment, field):

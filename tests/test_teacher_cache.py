@@ -142,6 +142,7 @@ CAPKD = {"distill": {"method": "capkd"}, "student": {"name": "test_resnet"},
 @pytest.mark.parametrize(("sections", "field"), [
     ({"data": {"augment": {"color_jitter": 0.4}}}, "data.augment.color_jitter"),
     ({"data": {"augment": {"color_jitter": None, "mixup": 0.2}}}, "data.augment.mixup"),
+    ({"data": {"augment": {"color_jitter": None, "cutout": 8}}}, "data.augment.cutout"),
     (CAPKD, "teacher_cache.enabled"),
 ])
 def test_setups_the_cache_cannot_serve_are_refused(tmp_path, sections, field):

@@ -19,6 +19,7 @@ from torchvision.transforms import InterpolationMode
 from ..errors import UserError
 from ..recipe import DataConfig
 from .checks import DECODE_ERRORS, header_problem
+from .resident import cutout_
 from .sources import DataInfo, default_stats, get_dataset
 from .valset import spread_indices
 
@@ -119,7 +120,26 @@ def eval_transform(info: DataInfo):
                             mean=info.mean, std=info.std, crop_pct=info.crop_pct)
 
 
+class Cutout:
+    """resident.cutout_ on one normalised image tensor (the loader path's last transform)."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return cutout_(image[None], self.size)[0]
+
+    def __repr__(self) -> str:
+        return f"Cutout(size={self.size})"
+
+
 def train_transform(cfg: DataConfig, info: DataInfo):
+    transform = _geometric_photometric_final(cfg, info)
+    aug = cfg.augment
+    return transforms.Compose([transform, Cutout(aug.cutout)]) if aug.enabled and aug.cutout else transform
+
+
+def _geometric_photometric_final(cfg: DataConfig, info: DataInfo):
     aug = cfg.augment
     if not aug.enabled:
         return eval_transform(info)

@@ -234,7 +234,7 @@ def augmenting_batches(images: ResidentImages, cfg: DataConfig, mean: tuple[floa
         if not aug.enabled:
             return normalise(pixels, mean, std), indices
         boxes = sample_boxes(len(indices), height, width, cfg)
-        return render(pixels, boxes, cfg.img_size, mean, std, crop_padding(cfg)), indices
+        return cutout_(render(pixels, boxes, cfg.img_size, mean, std, crop_padding(cfg)), aug.cutout), indices
     return make_batch
 
 
@@ -248,6 +248,22 @@ def stored_view_batches(images: ResidentImages, views: Any, cfg: DataConfig, mea
             return normalise(pixels, mean, std), view_ids
         return render(pixels, boxes, cfg.img_size, mean, std, crop_padding(cfg)), view_ids
     return make_batch
+
+
+def cutout_(images: Tensor, size: int) -> Tensor:
+    """Cutout (DeVries & Taylor 2017, their code's rule): in each normalised image (n, C, H, W), in place, zero the
+    square [y - size/2, y + size/2) x [x - size/2, x + size/2) around a uniformly random pixel (y, x), clipped at
+    the border. Zero after normalisation is the dataset's mean colour."""
+    if size <= 0:
+        return images
+    n, _, height, width = images.shape
+    top = torch.randint(0, height, (n,), device=images.device)[:, None] - size // 2
+    left = torch.randint(0, width, (n,), device=images.device)[:, None] - size // 2
+    rows = torch.arange(height, device=images.device)[None]
+    cols = torch.arange(width, device=images.device)[None]
+    inside = (((rows >= top) & (rows < top + size))[:, :, None]
+              & ((cols >= left) & (cols < left + size))[:, None, :])
+    return images.masked_fill_(inside[:, None], 0.0)
 
 
 def crop_padding(cfg: DataConfig) -> int:

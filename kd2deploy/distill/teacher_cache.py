@@ -297,7 +297,7 @@ def check_cacheable(distiller: Any, recipe: Recipe) -> None:
     if aug.enabled:
         changing = {"data.augment.color_jitter": aug.color_jitter, "data.augment.auto_augment": aug.auto_augment,
                     "data.augment.re_prob": aug.re_prob, "data.augment.mixup": aug.mixup,
-                    "data.augment.cutmix": aug.cutmix}
+                    "data.augment.cutmix": aug.cutmix, "data.augment.cutout": aug.cutout}
         on = [name for name, value in changing.items() if value]
         if on:
             raise UserError(
