@@ -13,8 +13,8 @@ from PIL import Image
 
 from kd2deploy.data.checks import SKIPPED_FILE, check_tree, findings, trees_to_check
 from kd2deploy.data.loaders import build_datasets, build_mixup
-from kd2deploy.data.sources import MINI_CIFAR10
-from kd2deploy.data.valset import EvalTransform, recorded_val_set
+from kd2deploy.data.sources import MINI_CIFAR10, recorded_val_set
+from kd2deploy.data.valset import EvalTransform
 from kd2deploy.errors import UserError
 from kd2deploy.recipe import DataConfig, load_recipe, migrate_data_section
 from kd2deploy.train.engine import train

@@ -12,8 +12,8 @@ from PIL import Image
 from torchvision import datasets
 
 from kd2deploy.data.loaders import SampleDataset, eval_loader, eval_transform, spread_subset
-from kd2deploy.data.sources import MINI_CIFAR10, DataInfo
-from kd2deploy.data.valset import EvalTransform, evaluate_runner, image_folder, recorded_val_set
+from kd2deploy.data.sources import MINI_CIFAR10, DataInfo, recorded_val_set
+from kd2deploy.data.valset import EvalTransform, evaluate_runner, image_folder
 from kd2deploy.errors import UserError
 from kd2deploy.models import create_model
 from kd2deploy.train.evaluate import evaluate

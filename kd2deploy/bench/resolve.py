@@ -14,7 +14,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from ..backends import artifact_suffixes, get_backend
-from ..data.valset import EvalTransform, LabelledImages, image_folder, recorded_val_set
+from ..data.sources import recorded_val_set
+from ..data.valset import EvalTransform, LabelledImages, image_folder
 from ..deploy.manifest import (
     MANIFEST,
     Deployable,

@@ -272,6 +272,16 @@ def readable(folder: ValSet) -> ValSet:
     return folder if len(keep) == len(folder) else folder.subset(keep, folder.source)
 
 
+def recorded_val_set(data: dict[str, Any], seed: int, class_names: Sequence[str], transform: EvalTransform,
+                     samples: int | None = None, where: str = "the manifest") -> ValSet:
+    """The val split of the run a model comes from, rebuilt from its recorded data section."""
+    source = get_dataset(data["dataset"])
+    if source.needs_root and data.get("root") is None:
+        raise UserError(f"The data section in {where} has no root, so its val split cannot be found here. "
+                        "Give --val DIR: a folder with one sub-folder per class.")
+    return source.val_images(data, seed, class_names, transform, where).spread(samples)
+
+
 def default_stats(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     source = get_dataset(dataset)
     return source.mean, source.std

@@ -18,7 +18,6 @@ import numpy as np
 from PIL import Image
 
 from ..errors import UserError
-from .sources import get_dataset
 
 # torchvision.datasets.folder.IMG_EXTENSIONS: the same files count as images, so splits have the same order
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -173,16 +172,6 @@ def cifar_pickle(path: Path, label_key: str, dataset: str, folder: str, transfor
         raise UserError(f"{dataset} test split {path} cannot be read ({exc}). Point data.root at the folder holding "
                         f"torchvision's `{folder}`, or give --val DIR with images in class folders.") from None
     return ValSet(images, labels, Image.fromarray, transform, str(path))
-
-
-def recorded_val_set(data: dict[str, Any], seed: int, class_names: Sequence[str], transform: EvalTransform,
-                     samples: int | None = None, where: str = "the manifest") -> ValSet:
-    """The val split of the run a model comes from, rebuilt from its recorded data section."""
-    source = get_dataset(data["dataset"])
-    if source.needs_root and data.get("root") is None:
-        raise UserError(f"The data section in {where} has no root, so its val split cannot be found here. "
-                        "Give --val DIR: a folder with one sub-folder per class.")
-    return source.val_images(data, seed, class_names, transform, where).spread(samples)
 
 
 def evaluate_runner(run: Callable[[np.ndarray], np.ndarray], images: LabelledImages, batch_size: int = 64
