@@ -3,10 +3,11 @@
 Two pairs, every row of a pair with the same student, data, augmentation, optimiser, schedule, epochs and seeds;
 the teacher (and the method using it) is the only difference:
 - `vit_to_cnn` (transformer -> CNN): the convolutional-stem ViT teacher -> a quarter-width ResNet-10-T;
-  none, none at twice the epochs, KD, CAP-KD.
+  none, none at twice the epochs, KD, CAP-KD, CRD, feature (FitNet), SSKD.
 - `cnn_to_vit` (CNN + involution -> tiny ViT): the ResNet-9 teacher (and the RedNet-26 involution teacher) ->
-  the ViT-nano with a distillation token; none, none at twice the epochs, DeiT (hard), LIB-KD, CSKD. CiT needs its
-  own student (conv and inv tokens, co-advise stems), so it has its own no-teacher row (`none_cit`).
+  the ViT-nano with a distillation token; none, none at twice the epochs, DeiT (hard), LIB-KD, CSKD, CRD. CiT needs
+  its own student (conv and inv tokens, co-advise stems), so it has its own no-teacher row (`none_cit`).
+The CRD, feature and SSKD rows take their `distill` section from their bundled recipes (recipes/<method>_<pair>.yaml).
 
 Teachers: `bench/teachers/teachers.json` names the committed fp16 checkpoints (with the recipe and command that
 trained them, and their sha256); a missing one is trained with its recipe (recipes/study_*_teacher.yaml) and
@@ -64,6 +65,13 @@ SGD = {"optimizer": "sgd", "lr": 0.1, "weight_decay": 5e-4, "schedule": "cosine"
        "batch_size": 128, "amp": "auto"}
 ADAMW = {"optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.05, "schedule": "cosine", "warmup_epochs": 1,
          "min_lr": 1e-5, "batch_size": 128, "clip_grad": 1.0, "amp": "auto"}
+
+
+def recipe_distill(name: str) -> dict[str, Any]:
+    """The `distill` section of a bundled recipe: the study runs each method as its recipe does."""
+    return yaml.safe_load((RECIPES / name).read_text())["distill"]
+
+
 VIT_STUDENT = {"name": "libkd_nano_patch4_32", "kwargs": {"head_fusion": "mean"}}
 CIT_STUDENT = {"name": "cit_nano_patch4_32", "kwargs": {}}  # head_fusion: cls, the CiT paper's inference
 
@@ -76,6 +84,9 @@ PAIRS: dict[str, dict[str, Any]] = {
             "none_2x": {"epochs": 2 * EPOCHS},
             "kd": {"teachers": ["vit"], "distill": {"method": "kd", "temperature": 4.0, "alpha": 0.9}},
             "capkd": {"teachers": ["vit"], "distill": {"method": "capkd"}},
+            "crd": {"teachers": ["vit"], "distill": recipe_distill("crd_vit_to_cnn.yaml")},
+            "feature": {"teachers": ["vit"], "distill": recipe_distill("feature_vit_to_cnn.yaml")},
+            "sskd": {"teachers": ["vit"], "distill": recipe_distill("sskd_vit_to_cnn.yaml")},
         },
     },
     "cnn_to_vit": {
@@ -89,6 +100,7 @@ PAIRS: dict[str, dict[str, Any]] = {
                      "student": {"name": "libkd_nano_patch4_32", "kwargs": {"head_fusion": "cls_dist_dense"}}},
             "none_cit": {"student": CIT_STUDENT},
             "cit": {"student": CIT_STUDENT, "teachers": ["cnn", "inn"], "distill": {"method": "cit"}},
+            "crd": {"teachers": ["cnn"], "distill": recipe_distill("crd_cnn_to_vit.yaml")},
         },
     },
 }

@@ -127,8 +127,9 @@ class TeacherCacheConfig(Section):
 
     enabled: bool = Field(False, description="read teacher outputs from the cache instead of running the teachers")
     views: int = Field(4, ge=1, description="stored crop/flip views per image (FKD-style); 1 when augment is off")
-    dir: Path | None = Field(None, description="cache folder; default $KD2DEPLOY_CACHE/teacher_outputs or "
-                                               "~/.cache/kd2deploy/teacher_outputs")
+    dir: Path | None = Field(None, description="cache folder (also of SSKD's teacher head, which is trained once "
+                                               "even when the cache is off); default "
+                                               "$KD2DEPLOY_CACHE/teacher_outputs or ~/.cache/kd2deploy/teacher_outputs")
     dense_topk: int = Field(10, ge=1, description="dense (per-position, CSKD) logits keep the top-k per position; "
                                                   "the rest are stored as their mean")
     batch_size: int = Field(256, ge=1, description="views per teacher forward while building")

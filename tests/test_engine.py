@@ -15,7 +15,7 @@ import torch
 from conftest import quiet, tiny_recipe, write_recipe
 from torch import nn
 
-from kd2deploy.checkpoint import load_checkpoint
+from kd2deploy.checkpoint import STUDENT, load_checkpoint
 from kd2deploy.distill import Distiller, MethodParams, StepOutput, get_method_class, method_names, register_method
 from kd2deploy.models import create_model
 from kd2deploy.recipe import load_recipe
@@ -99,25 +99,35 @@ TINY_RESNET = {"name": "test_resnet"}
 TINY_REDNET = {"name": "rednet26_cifar", "kwargs": {"channels": [8, 8, 16, 16], "stem_width": 8,
                                                      "involution_kernel": 3, "group_channels": 8}}
 TINY_TOKEN_VIT = {"name": "libkd_nano_patch4_32", "kwargs": {"depth": 1}}
+TINY_VIT = {"name": "vit_nano_patch4_32", "kwargs": {"depth": 1}}
 
 
-@pytest.mark.parametrize(("method", "teachers", "student"), [
-    ("none", [], {"name": "test_resnet"}),
-    ("kd", [TINY_RESNET], {"name": "test_resnet"}),
-    ("deit", [TINY_RESNET], {"name": "deit_nano_distilled_patch4_32", "kwargs": {"depth": 1}}),
-    ("capkd", [{"name": "vit_nano_patch4_32", "kwargs": {"depth": 1}}], {"name": "test_resnet"}),
-    ("libkd", [TINY_RESNET, TINY_REDNET], TINY_TOKEN_VIT),
-    ("cit", [TINY_RESNET, TINY_REDNET], {"name": "cit_nano_patch4_32", "kwargs": {"depth": 1}}),
-    ("cskd", [TINY_RESNET], TINY_TOKEN_VIT),
+@pytest.mark.parametrize(("method", "teachers", "student", "params"), [
+    ("none", [], {"name": "test_resnet"}, None),
+    ("kd", [TINY_RESNET], {"name": "test_resnet"}, None),
+    ("deit", [TINY_RESNET], {"name": "deit_nano_distilled_patch4_32", "kwargs": {"depth": 1}}, None),
+    ("capkd", [TINY_VIT], TINY_RESNET, None),
+    ("libkd", [TINY_RESNET, TINY_REDNET], TINY_TOKEN_VIT, None),
+    ("cit", [TINY_RESNET, TINY_REDNET], {"name": "cit_nano_patch4_32", "kwargs": {"depth": 1}}, None),
+    ("cskd", [TINY_RESNET], TINY_TOKEN_VIT, None),
+    ("crd", [TINY_VIT], TINY_RESNET, None),  # transformer -> CNN
+    ("crd", [TINY_RESNET], TINY_TOKEN_VIT, None),  # CNN -> ViT
+    ("feature", [TINY_VIT], TINY_RESNET, {"pairs": [["layer2", "blocks.0", 1.0]]}),
+    ("feature", [TINY_RESNET], TINY_TOKEN_VIT, {"pairs": [["blocks.0", "layer2"]], "loss": "cosine"}),
+    ("sskd", [TINY_VIT], TINY_RESNET, {"head_epochs": 1}),
+    ("sskd", [TINY_RESNET], TINY_TOKEN_VIT, {"head_epochs": 1}),
 ])
-def test_every_bundled_method_trains_through_the_engine(tmp_path, method, teachers, student):
+def test_every_bundled_method_trains_through_the_engine(tmp_path, method, teachers, student, params):
     assert method in method_names()
-    recipe = tiny_recipe(tmp_path / "run", student=student, distill={"method": method}, teachers=teachers,
-                         data={"train_subset": 64}, optim={"batch_size": 32})
+    recipe = tiny_recipe(tmp_path / "run", student=student, distill={"method": method, **(params or {})},
+                         teachers=teachers, data={"train_subset": 64}, optim={"batch_size": 32},
+                         teacher_cache={"dir": str(tmp_path / "cache")})
     metrics = train(load_recipe(write_recipe(tmp_path / "r.yaml", recipe)), console=quiet())
     assert metrics["epoch"] == 1 and metrics["train_images"] == 64
+    saved = load_checkpoint(tmp_path / "run" / STUDENT)["state_dict"]  # heads, banks, projectors stay out
+    assert set(saved) == set(create_model(student["name"], 10, kwargs=student.get("kwargs")).state_dict())
     bundled = {name for name in method_names() if get_method_class(name).__module__.startswith("kd2deploy.")}
-    assert bundled == {"none", "kd", "deit", "capkd", "libkd", "cit", "cskd"}  # each one is tested here
+    assert bundled == {"none", "kd", "deit", "capkd", "libkd", "cit", "cskd", "crd", "feature", "sskd"}  # all here
 
 
 def test_torchrun_two_processes_match_one_process(tmp_path):

@@ -191,6 +191,19 @@ def build_datasets(cfg: DataConfig, seed: int = 0, augment: bool = True
     return SampleDataset(train, train_tf), SampleDataset(val, eval_transform(info)), info
 
 
+def dataset_targets(dataset: Dataset) -> torch.Tensor:
+    """The class of every item of a (transformed, subset) dataset, in its index order, without decoding images
+    where the dataset lists its targets (ImageFolder, torchvision's CIFAR)."""
+    if isinstance(dataset, SampleDataset):
+        return dataset_targets(dataset.dataset)
+    if isinstance(dataset, Subset):
+        return dataset_targets(dataset.dataset)[torch.as_tensor(dataset.indices, dtype=torch.long)]
+    targets = getattr(dataset, "targets", None)
+    if targets is None:
+        targets = [dataset[i][1] for i in range(len(dataset))]
+    return torch.as_tensor(np.asarray(targets), dtype=torch.long)
+
+
 def val_dataset(cfg: DataConfig, seed: int = 0) -> SampleDataset:
     """The val split alone, with the eval transform."""
     return build_datasets(cfg, seed, augment=False)[1]

@@ -1,14 +1,15 @@
 """Registry of distillation methods; each method is one module defining one Distiller subclass."""
 from __future__ import annotations
 
-from . import capkd, cit, cskd, deit, kd, libkd, plain  # noqa: F401  (importing a method registers it)
-from .base import Distiller, MethodParams, StepOutput, kl_divergence
+from . import capkd, cit, crd, cskd, deit, feature, kd, libkd, plain, sskd  # noqa: F401  (importing a method registers it)
+from .base import Distiller, MethodParams, StepOutput, TrainingData, kl_divergence
 from .registry import get_method_class, method_names, register_method
 
 __all__ = [
     "Distiller",
     "MethodParams",
     "StepOutput",
+    "TrainingData",
     "get_method_class",
     "kl_divergence",
     "method_names",

@@ -1,7 +1,9 @@
 """The Distiller interface: everything a method needs, so the training engine never special-cases one."""
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -27,11 +29,28 @@ class StepOutput:
     terms: dict[str, Tensor] = field(default_factory=dict)  # loss terms, logged per epoch
 
 
+@dataclass
+class TrainingData:
+    """What a method may need to know about the training set before its first step (`Distiller.prepare`)."""
+
+    targets: Tensor  # (N,) the class of every training image, at the dataset index the batches carry
+    epoch_batches: Callable[[int], Iterable[tuple[Tensor, Tensor, Tensor]]]  # epoch -> this process's augmented
+    # (images, targets, indices) batches, as training sees them
+    fingerprint: Callable[[], dict[str, Any]]  # what identifies the images, their augmentation and the seed
+    cache_dir: Path  # where a method keeps what it computes once per teacher and data (SSKD's teacher head)
+    world_size: int = 1  # torchrun processes
+    console: Any = None  # a rich Console for progress and notes, or None
+
+    @property
+    def num_images(self) -> int:
+        return len(self.targets)
+
+
 class Distiller(nn.Module):
     """One distillation method: the student, the frozen teachers and any training-only modules.
 
-    The engine builds one optimizer over `trainable_parameters()`, calls `forward` once per batch, steps,
-    then calls `on_step_end` (where a method may update e.g. a discriminator with its own optimizer).
+    The engine calls `prepare` once, builds one optimizer over `trainable_parameters()`, calls `forward` once per
+    batch, steps, then calls `on_step_end` (where a method may update e.g. a discriminator with its own optimizer).
     Only `self.student` is ever saved as the run's artifact.
     """
 
@@ -45,7 +64,7 @@ class Distiller(nn.Module):
 
     def __init__(self, student: nn.Module, teachers: list[nn.Module], params: MethodParams, num_classes: int,
                  label_smoothing: float = 0.0, mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN,
-                 std: tuple[float, ...] = IMAGENET_DEFAULT_STD):
+                 std: tuple[float, ...] = IMAGENET_DEFAULT_STD, img_size: int | None = None):
         super().__init__()
         self.student = student
         self.teachers = nn.ModuleList(teachers)
@@ -55,6 +74,7 @@ class Distiller(nn.Module):
         self.num_classes = num_classes
         self.label_smoothing = label_smoothing
         self.input_mean, self.input_std = tuple(mean), tuple(std)  # how the batches are normalised
+        self.img_size = img_size  # the batches' side (data.img_size); None: unknown (a unit test)
         self.teacher_cache: Any = None  # a TeacherCache once the engine attaches one
         self.progress = 0.0  # fraction of training done, set by the engine before each step (for schedules)
 
@@ -64,6 +84,10 @@ class Distiller(nn.Module):
         return self
 
     # ------------------------------------------------------------------------------------ training
+    def prepare(self, data: TrainingData) -> None:
+        """Called once before the optimizer is built and before a resumed run restores `training_state`: a method
+        may size state to the training set (CRD's memory bank) or run a preparatory stage (SSKD's teacher head)."""
+
     def forward(self, images: Tensor, targets: Tensor, indices: Tensor | None = None) -> StepOutput:
         raise NotImplementedError
 

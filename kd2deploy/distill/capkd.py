@@ -72,8 +72,8 @@ class CAPKDParams(MethodParams):
     disc_hidden: int = Field(256, ge=1, description="width of the discriminator's two hidden FC layers")
     teacher_img_size: int | None = Field(None, ge=8, description="teacher input side; default: the teacher's "
                                          "own input size, the batch is resized to it")
-    student_img_size: int | None = Field(None, ge=8, description="the student's input side (data.img_size), "
-                                         "which picks h_S; default: the teacher's input side")
+    student_img_size: int | None = Field(None, ge=8, description="the student's input side, which picks h_S; "
+                                         "default: data.img_size")
     student_layer: str | None = Field(None, description="student module whose output is h_S; default: the "
                                       "feature_info stage whose map on student_img_size matches the teacher's "
                                       "token grid")
@@ -282,9 +282,9 @@ class CrossArchitectureKD(Distiller):
             raise UserError(f"CAP-KD needs a vision-transformer teacher (timm ViT, DeiT, Swin...), but {exc} "
                             "(teachers.0.name). Name a transformer teacher, or use `distill.method: kd`.") from None
         self.teacher_size = params.teacher_img_size or _input_size(teacher)
-        # the batch reaches the teacher resized to teacher_size; without data.img_size at hand, assume the student
-        # sees that size too, which makes h_S the stage whose reduction equals the teacher's patch size
-        self.student_size = params.student_img_size or self.teacher_size
+        # the batch reaches the teacher resized to teacher_size; the student sees data.img_size (without it, a unit
+        # test, assume the teacher's size: h_S is then the stage whose reduction equals the teacher's patch size)
+        self.student_size = params.student_img_size or self.img_size or self.teacher_size
         self.grid = self._probe_teacher_grid()
         self.student_layer = params.student_layer or self._default_student_layer(self.student_size)
         self.student_hooks = self._hook_student(self.student_layer)

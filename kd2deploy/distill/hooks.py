@@ -30,6 +30,48 @@ class FeatureHooks:
         self._handles.clear()
 
 
+class PooledFeatures:
+    """The pooled representation a model classifies (its pre-logits): the input of its class head, read by a
+    forward pre-hook. For a CNN that is the global-average-pooled map, for a ViT its class token or its mean patch
+    token (whichever its `global_pool` uses), after any final norm; `.features` is (B, D) after a forward."""
+
+    def __init__(self, model: nn.Module):
+        head = model.get_classifier() if hasattr(model, "get_classifier") else None
+        if isinstance(head, (nn.ModuleList, list, tuple)):  # a distilled ViT: (class head, distillation heads...)
+            head = head[0]
+        if not isinstance(head, nn.Module) or isinstance(head, nn.Identity):
+            raise ValueError(f"{type(model).__name__} has no classifier head (timm's get_classifier()) whose input "
+                             "is its pooled feature")
+        self.dim = _in_features(head, model)
+        self.features: Tensor | None = None
+        self._handle = head.register_forward_pre_hook(self._record)
+
+    def _record(self, _module: nn.Module, inputs: tuple) -> None:
+        self.features = inputs[0].flatten(1)
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def pooled_features(model: nn.Module, method: str, field: str) -> PooledFeatures:
+    """PooledFeatures(model), or a UserError naming the recipe field."""
+    from ..errors import UserError
+
+    try:
+        return PooledFeatures(model)
+    except ValueError as exc:
+        raise UserError(f"distill.method `{method}` reads pooled features, but {exc} ({field}). Use a timm "
+                        "classification model.") from None
+
+
+def _in_features(head: nn.Module, model: nn.Module) -> int:
+    if isinstance(head, nn.Linear):
+        return head.in_features
+    if isinstance(head, nn.Conv2d):
+        return head.in_channels
+    return int(model.num_features)
+
+
 class TransformerTap:
     """Hooks on a timm vision transformer's last attention block (ViT, DeiT, Swin, ...), without editing it.
 

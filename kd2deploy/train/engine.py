@@ -31,9 +31,18 @@ from ..checkpoint import (
 )
 from ..data import resident
 from ..data.checks import SKIPPED_FILE
-from ..data.loaders import build_datasets, build_mixup, eval_loader, set_skip_log, skipped_images, train_loader
+from ..data.loaders import (
+    build_datasets,
+    build_mixup,
+    dataset_targets,
+    eval_loader,
+    set_skip_log,
+    skipped_images,
+    train_loader,
+)
 from ..distill import Distiller, get_method_class
-from ..distill.teacher_cache import prepare_teacher_cache
+from ..distill.base import TrainingData
+from ..distill.teacher_cache import DEFAULT_DIR, dataset_digest, prepare_teacher_cache
 from ..distributed import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown
 from ..errors import UserError
 from ..models import create_model
@@ -102,6 +111,7 @@ class Trainer:
         if self.mixup is not None and self.batch_size % 2:
             raise UserError(f"Mixup/cutmix pair images within a batch, so the per-process batch must be even, not "
                             f"{self.batch_size}. Change `optim.batch_size` or disable `data.augment.mixup`/`cutmix`.")
+        self.distiller.prepare(self._training_data())
 
         o = recipe.optim
         self.optimizer = create_optimizer_v2(param_groups(self.distiller, o.weight_decay), opt=o.optimizer, lr=o.lr,
@@ -128,7 +138,24 @@ class Trainer:
                     for i, t in enumerate(r.teachers)]
         cls = get_method_class(r.distill.method or "none")
         return cls(student, teachers, distill_params(r), n, label_smoothing=r.data.augment.label_smoothing,
-                   mean=self.info.mean, std=self.info.std)
+                   mean=self.info.mean, std=self.info.std, img_size=self.info.img_size)
+
+    def _training_data(self) -> TrainingData:
+        """What Distiller.prepare may read: every image's class, epochs of training batches, the cache folder."""
+        r = self.recipe
+        images = self.image_sources[0]
+
+        def epoch_batches(epoch: int) -> Any:
+            self.train_loader.sampler.set_epoch(epoch)
+            return self.train_loader
+
+        def fingerprint() -> dict[str, Any]:
+            return {"images": dataset_digest(images.dataset), "augment": r.data.augment.model_dump(mode="json"),
+                    "img_size": self.info.img_size, "batch_size": r.optim.batch_size, "seed": r.optim.seed}
+
+        return TrainingData(targets=dataset_targets(images), epoch_batches=epoch_batches, fingerprint=fingerprint,
+                            cache_dir=Path(r.teacher_cache.dir) if r.teacher_cache.dir is not None else DEFAULT_DIR,
+                            world_size=self.env.world_size, console=self.console if self.env.is_main else None)
 
     def _loaders(self) -> tuple[Any, Any]:
         """Train and val loaders: loader processes, or batches built from resident images on the device."""
