@@ -5,9 +5,10 @@ the teacher (and the method using it) is the only difference:
 - `vit_to_cnn` (transformer -> CNN): the convolutional-stem ViT teacher -> a quarter-width ResNet-10-T;
   none, none at twice the epochs, KD, CAP-KD, CRD, feature (FitNet), SSKD.
 - `cnn_to_vit` (CNN + involution -> tiny ViT): the ResNet-9 teacher (and the RedNet-26 involution teacher) ->
-  the ViT-nano with a distillation token; none, none at twice the epochs, DeiT (hard), LIB-KD, CSKD, CRD. CiT needs
-  its own student (conv and inv tokens, co-advise stems), so it has its own no-teacher row (`none_cit`).
-The CRD, feature and SSKD rows take their `distill` section from their bundled recipes (recipes/<method>_<pair>.yaml).
+  the ViT-nano with a distillation token; none, none at twice the epochs, DeiT (hard), LIB-KD, CSKD, CRD, VLFKD. CiT
+  needs its own student (conv and inv tokens, co-advise stems), so it has its own no-teacher row (`none_cit`).
+The CRD, feature, SSKD and VLFKD rows take their `distill` section from their bundled recipes
+(recipes/<method>_<pair>.yaml).
 
 Teachers: `bench/teachers/teachers.json` names the committed fp16 checkpoints (with the recipe and command that
 trained them, and their sha256); a missing one is trained with its recipe (recipes/study_*_teacher.yaml) and
@@ -101,6 +102,7 @@ PAIRS: dict[str, dict[str, Any]] = {
             "none_cit": {"student": CIT_STUDENT},
             "cit": {"student": CIT_STUDENT, "teachers": ["cnn", "inn"], "distill": {"method": "cit"}},
             "crd": {"teachers": ["cnn"], "distill": recipe_distill("crd_cnn_to_vit.yaml")},
+            "vlfkd": {"teachers": ["cnn"], "distill": recipe_distill("vlfkd_cnn_to_vit.yaml")},
         },
     },
 }

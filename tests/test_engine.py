@@ -116,6 +116,7 @@ TINY_VIT = {"name": "vit_nano_patch4_32", "kwargs": {"depth": 1}}
     ("feature", [TINY_RESNET], TINY_TOKEN_VIT, {"pairs": [["blocks.0", "layer2"]], "loss": "cosine"}),
     ("sskd", [TINY_VIT], TINY_RESNET, {"head_epochs": 1}),
     ("sskd", [TINY_RESNET], TINY_TOKEN_VIT, {"head_epochs": 1}),
+    ("vlfkd", [TINY_RESNET], TINY_TOKEN_VIT, None),
 ])
 def test_every_bundled_method_trains_through_the_engine(tmp_path, method, teachers, student, params):
     assert method in method_names()
@@ -127,7 +128,8 @@ def test_every_bundled_method_trains_through_the_engine(tmp_path, method, teache
     saved = load_checkpoint(tmp_path / "run" / STUDENT)["state_dict"]  # heads, banks, projectors stay out
     assert set(saved) == set(create_model(student["name"], 10, kwargs=student.get("kwargs")).state_dict())
     bundled = {name for name in method_names() if get_method_class(name).__module__.startswith("kd2deploy.")}
-    assert bundled == {"none", "kd", "deit", "capkd", "libkd", "cit", "cskd", "crd", "feature", "sskd"}  # all here
+    assert bundled == {"none", "kd", "deit", "capkd", "libkd", "cit", "cskd", "crd", "feature", "sskd",
+                       "vlfkd"}  # each one is tested here
 
 
 def test_torchrun_two_processes_match_one_process(tmp_path):

@@ -1,4 +1,4 @@
-"""CRD, SSKD and feature distillation: losses against hand-computed values, their state, and their errors."""
+"""CRD, SSKD, feature distillation and VLFKD: losses against hand-computed values, their state, and their errors."""
 from __future__ import annotations
 
 import math
@@ -12,6 +12,7 @@ from kd2deploy.distill import TrainingData, get_method_class
 from kd2deploy.distill.crd import ContrastMemory, CRDParams, contrast_scores, nce_loss, sample_contrast_indices
 from kd2deploy.distill.feature import FeatureParams, Projector, feature_distance
 from kd2deploy.distill.sskd import SSKDParams, kept_rows, rotation_labels, rotation_similarity, with_rotations
+from kd2deploy.distill.vlfkd import VLFKDParams, decoupled, feature_kl, pixel_decoupled_loss
 from kd2deploy.errors import UserError
 from kd2deploy.models import create_model
 
@@ -247,3 +248,65 @@ def test_wrong_layer_name_lists_the_valid_ones():
                                     img_size=32)
     message = str(error.value)
     assert "`layer9`" in message and "student" in message and "layer1, layer1.0" in message
+
+
+# ------------------------------------------------------------------------------------------------ VLFKD
+def test_decoupled_target_and_non_target_parts():
+    logits = torch.tensor([[0.0, math.log(2), 0.0]])  # probabilities 1/4, 1/2, 1/4
+    b, q = decoupled(logits, torch.tensor([1]))
+    assert torch.allclose(b, torch.tensor([[0.5, 0.5]])) and torch.allclose(q, torch.tensor([[0.5, 0.5]]))
+
+
+def test_pixel_decoupled_loss_matches_hand_computation():
+    student = torch.tensor([[[0.0, math.log(2), 0.0]]])  # (B=1, P=1, K=3): b = [.5, .5], q = [.5, .5]
+    teacher = torch.tensor([[[math.log(3), 0.0, 0.0]]])  # p = [.6, .2, .2]: b = [.2, .8], q = softmax([ln 3, 0])
+    expected = ((0.5 - 0.2) ** 2 + (0.5 - 0.8) ** 2) / 2 + ((0.5 - 0.75) ** 2 + (0.5 - 0.25) ** 2) / 2
+    assert pixel_decoupled_loss(student, teacher, torch.tensor([1])).item() == pytest.approx(expected, rel=1e-5)
+    assert pixel_decoupled_loss(teacher, teacher, torch.tensor([1])).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_feature_kl_matches_hand_computation():
+    expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert feature_kl(torch.tensor([[0.0, math.log(3)]]), torch.tensor([[0.0, 0.0]])).item() == pytest.approx(
+        expected, rel=1e-5)
+
+
+def vlfkd(student, teacher):
+    return get_method_class("vlfkd")(create_model(*student), [create_model(*teacher)], VLFKDParams(), 10, img_size=32)
+
+
+def test_vlfkd_terms_and_its_refusals():
+    method = vlfkd(("libkd_nano_patch4_32", 10, False, None, {"depth": 1}), ("resnet9_cifar", 10, False, None,
+                                                                              {"width": 8}))
+    assert method.teacher_grid == (4, 4) and method.grid == (8, 8)
+    out = method(torch.randn(2, 3, 32, 32), torch.tensor([3, 4]))
+    t = out.terms
+    assert set(t) == {"ce", "global", "patch", "linguistic", "pixel"}
+    assert out.loss.item() == pytest.approx(sum(v.item() for v in t.values()), rel=1e-5)  # all weights 1
+    with pytest.raises(UserError, match="vision transformer"):
+        vlfkd(("test_resnet", 10), ("test_resnet", 10))
+    with pytest.raises(UserError, match="linear layer after global average pooling"):
+        vlfkd(("libkd_nano_patch4_32", 10, False, None, {"depth": 1}), ("vit_nano_patch4_32", 10, False, None,
+                                                                          {"depth": 1}))
+
+
+def _update_on_rank(rank: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.manual_seed(0)  # the same initial banks on both processes, as the engine's seeding gives
+    memory = ContrastMemory(feat_dim=2, num_data=4, temperature=0.07, momentum=0.5)
+    v = torch.tensor([[0.0, 1.0]]) if rank == 0 else torch.tensor([[1.0, 0.0]])
+    memory.update(v, v, torch.tensor([rank]))  # each process saw another image
+    torch.save({"student": memory.student, "teacher": memory.teacher}, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_crd_memory_banks_stay_identical_across_torchrun_processes(tmp_path):
+    torch.multiprocessing.spawn(_update_on_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    banks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert torch.equal(banks[0]["student"], banks[1]["student"])
+    torch.manual_seed(0)
+    initial = ContrastMemory(feat_dim=2, num_data=4, temperature=0.07, momentum=0.5).student
+    assert not torch.equal(banks[0]["student"][0], initial[0]) and not torch.equal(banks[0]["student"][1], initial[1])
+    assert torch.equal(banks[0]["student"][2:], initial[2:])  # both processes' images updated, no other

@@ -1,7 +1,8 @@
 """Registry of distillation methods; each method is one module defining one Distiller subclass."""
 from __future__ import annotations
 
-from . import capkd, cit, crd, cskd, deit, feature, kd, libkd, plain, sskd  # noqa: F401  (importing a method registers it)
+# importing a method registers it
+from . import capkd, cit, crd, cskd, deit, feature, kd, libkd, plain, sskd, vlfkd  # noqa: F401
 from .base import Distiller, MethodParams, StepOutput, TrainingData, kl_divergence
 from .registry import get_method_class, method_names, register_method
 

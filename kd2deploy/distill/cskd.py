@@ -76,6 +76,34 @@ def pool_to_cells(dense_logits: Tensor, grid: tuple[int, int], cells: tuple[int,
     return F.adaptive_avg_pool2d(maps, cells).flatten(2).transpose(1, 2)
 
 
+def dense_logits(cnn: nn.Module, features: Tensor) -> Tensor:
+    """A CNN's linear classifier applied at every position of its last map (B, C, h, w): (B, K, h, w) logits;
+    their mean over positions is its prediction (pooling and a linear layer commute)."""
+    classifier = cnn.get_classifier()
+    if features.dim() != 4 or not isinstance(classifier, nn.Linear):
+        raise ValueError("not a CNN with a linear classifier")
+    return classifier(features.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def check_dense_teacher(teacher: nn.Module, img_size: tuple[int, int], method: str) -> tuple[int, int]:
+    """Dense predictions need a classifier that is linear after global average pooling: check on a probe at the
+    student's input size (the teacher in eval mode); returns the teacher's grid there, or raises a UserError."""
+    teacher.eval()  # a probe in train mode would move the BN running statistics
+    probe = torch.randn(2, 3, *img_size)
+    with torch.no_grad():
+        try:
+            dense = dense_logits(teacher, teacher.forward_features(probe))
+            global_logits = teacher(probe)
+        except (AttributeError, RuntimeError, ValueError) as exc:
+            dense, global_logits = None, exc
+    if dense is None or not torch.allclose(dense.mean(dim=(2, 3)), global_logits, atol=1e-3, rtol=1e-3):
+        raise UserError(
+            f"{method} needs a CNN teacher whose classifier is a linear layer after global average pooling, so it can "
+            f"be applied at every position, but `{type(teacher).__name__}` (teachers.0.name) is not such a model. "
+            "Use e.g. a ResNet, RegNet, MobileNetV2 or EfficientNet teacher.")
+    return tuple(dense.shape[-2:])
+
+
 def dense_distillation_loss(student_cells: Tensor, fused: Tensor, kind: str, tau: float) -> Tensor:
     """The CSKD term on (B, P, K) cells: hard CE to the fused argmax (mean over cells), or soft
     τ²·Σ_cells KL(σ(fused/τ) ‖ σ(student/τ)) / B (the authors' sum over cells, mean over images)."""
@@ -101,26 +129,8 @@ class CumulativeSpatialKD(Distiller):
         student.set_distilled_training(True)
         self.grid = tuple(student.patch_embed.grid_size)
         self.student_hooks = self.hook_features(student, {"tokens": "norm"})  # final tokens, before the heads
-        teacher_grid = self._check_teacher_head(teachers[0], tuple(student.patch_embed.img_size))
+        teacher_grid = check_dense_teacher(teachers[0], tuple(student.patch_embed.img_size), "CSKD")
         self.cells = (min(self.grid[0], teacher_grid[0]), min(self.grid[1], teacher_grid[1]))  # the coarser grid
-
-    @torch.no_grad()
-    def _check_teacher_head(self, teacher: nn.Module, img_size: tuple[int, int]) -> tuple[int, int]:
-        """Dense predictions need a classifier that is linear after global average pooling: check on a probe at
-        the student's input size; returns the teacher's grid there."""
-        teacher.eval()  # a probe in train mode would move the BN running statistics
-        probe = torch.randn(2, 3, *img_size)
-        try:
-            dense = self.teacher_dense_logits(0, probe)
-            global_logits = teacher(probe)
-        except (AttributeError, RuntimeError, ValueError) as exc:
-            dense, global_logits = None, exc
-        if dense is None or not torch.allclose(dense.mean(dim=(2, 3)), global_logits, atol=1e-3, rtol=1e-3):
-            raise UserError(
-                f"CSKD needs a CNN teacher whose classifier is a linear layer after global average pooling, so it "
-                f"can be applied at every position, but `{type(teacher).__name__}` (teachers.0.name) is not such a "
-                "model. Use e.g. a ResNet, RegNet, MobileNetV2 or EfficientNet teacher.")
-        return tuple(dense.shape[-2:])
 
     def teacher_output_signature(self) -> dict[str, Any]:
         return {"outputs": ["logits", "dense"], "dense": "logits", "cells": list(self.cells)}
@@ -128,11 +138,7 @@ class CumulativeSpatialKD(Distiller):
     def teacher_dense_logits(self, index: int, images: Tensor) -> Tensor:
         """The teacher's classifier at every position of its last feature map: (B, K, h, w) logits."""
         teacher = self.teachers[index]
-        features = teacher.forward_features(images)  # (B, C, h, w)
-        classifier = teacher.get_classifier()
-        if features.dim() != 4 or not isinstance(classifier, nn.Linear):
-            raise ValueError("not a CNN with a linear classifier")
-        return classifier(features.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return dense_logits(teacher, teacher.forward_features(images))
 
     def teacher_output(self, index: int, images: Tensor) -> dict[str, Tensor]:
         dense = self.teacher_dense_logits(index, images)
