@@ -23,11 +23,11 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import study_cifar10 as study  # noqa: E402  (the study's pairs, teachers and recipes)
+import study_cifar10 as study
 
-from kd2deploy.bench.harness import training_machine  # noqa: E402
-from kd2deploy.checkpoint import atomic_write_text  # noqa: E402
-from kd2deploy.machine import busy_cores_elsewhere  # noqa: E402
+from kd2deploy.bench.harness import training_machine
+from kd2deploy.checkpoint import atomic_write_text
+from kd2deploy.machine import busy_cores_elsewhere
 
 NAME = "method_cost"
 SKIP = {"none_2x"}  # the same cost per epoch as none
@@ -72,7 +72,8 @@ def markdown(result: dict[str, Any]) -> str:
             continue
         base = next((r["s_per_epoch_10k"] for r in rows if r["method"] == "none"), None)
         lines += [f"## {spec['title']} (`{pair}`)", "",
-                  "| method | s / epoch (10k images) | × no teacher | images/s | setup s |", "|---|---:|---:|---:|---:|"]
+                  "| method | s / epoch (10k images) | × no teacher | images/s | setup s |",
+                  "|---|---:|---:|---:|---:|"]
         for r in rows:
             ratio = f"{r['s_per_epoch_10k'] / base:.2f}" if base else ""
             lines.append(f"| {r['method']} | {r['s_per_epoch_10k']:.1f} | {ratio} | {r['images_per_s']:.0f} | "

@@ -190,6 +190,31 @@ def predictions(checkpoint: Path, model: dict[str, Any], data: dict[str, Any]) -
     return out
 
 
+def teacher_predictions(key: str, data: dict[str, Any]) -> list[int]:
+    entry = load_manifest()[key]
+    return predictions(TEACHERS_DIR / entry["file"], entry["model"], data)
+
+
+def agreement(student_preds: list[int], teacher_preds: dict[str, list[int]], keys: list[str]) -> dict[str, float]:
+    """Top-1 agreement (%) of a student's test predictions with each teacher's."""
+    return {k: round(100 * sum(a == b for a, b in zip(student_preds, teacher_preds[k], strict=True))
+                     / len(student_preds), 2) for k in keys}
+
+
+def backfill_agreement(results: dict[str, Any], data: dict[str, Any], runs: Path,
+                       teacher_preds: dict[str, list[int]]) -> None:
+    """Agreement with every pair teacher for rows written before it was recorded (the no-teacher rows), from
+    their run folders when they are on this machine."""
+    for row in results["rows"]:
+        keys = pair_teachers(PAIRS[row["pair"]])
+        student = runs / row["pair"] / row["method"] / f"seed{row['seed']}" / STUDENT
+        if set(keys) <= set(row.get("agreement", {})) or not student.is_file():
+            continue
+        for key in keys:
+            teacher_preds.setdefault(key, teacher_predictions(key, data))
+        row["agreement"] = agreement(predictions(student, row["student"], data), teacher_preds, keys)
+
+
 def run_row(pair: str, method: str, seed: int, data_root: Path, run_root: Path,
             teacher_preds: dict[str, list[int]]) -> dict[str, Any]:
     run_dir = run_root / pair / method / f"seed{seed}"
@@ -203,6 +228,8 @@ def run_row(pair: str, method: str, seed: int, data_root: Path, run_root: Path,
     with open(run_dir / "metrics.csv") as f:
         history = list(csv.DictReader(f))
     keys = PAIRS[pair]["methods"][method].get("teachers", [])
+    for key in pair_teachers(PAIRS[pair]):  # every row's agreement, the no-teacher rows' too (the baseline)
+        teacher_preds.setdefault(key, teacher_predictions(key, raw["data"]))
     student_preds = predictions(run_dir / STUDENT, raw["student"], raw["data"])
     manifest = load_manifest()
     return {
@@ -215,8 +242,7 @@ def run_row(pair: str, method: str, seed: int, data_root: Path, run_root: Path,
         # evidence for the reading: per-epoch loss terms and test-set top-1 agreement with each teacher
         "loss_terms": {k: [round(float(r[k]), 4) for r in history] for k in history[0] if k.startswith("loss_")},
         "val_top1_curve": [round(float(r["val_top1"]), 2) for r in history],
-        "agreement": {k: round(100 * sum(a == b for a, b in zip(student_preds, teacher_preds[k], strict=True))
-                               / len(student_preds), 2) for k in keys},
+        "agreement": agreement(student_preds, teacher_preds, pair_teachers(PAIRS[pair])),
         "wall_s": round(time.perf_counter() - started, 1),
         "busy_cores_at_start": round(busy, 2),
     }
@@ -275,7 +301,7 @@ def markdown(results: dict[str, Any]) -> str:
                                      for m, row in spec["methods"].items() if "student" in row})))
                   + f"; teachers: {', '.join(teachers)}; optimiser: {spec['optim']}.", "",
                   "| method | seeds | val top-1 % | Δ vs no teacher | beats it by more than the noise | s / epoch | "
-                  "top-1 agreement with teacher % |", "|---|---:|---:|---:|---|---:|---:|"]
+                  f"top-1 agreement with the {teachers[0]} teacher % |", "|---|---:|---:|---:|---|---:|---:|"]
         for method in spec["methods"]:
             s = stats.get((pair, method))
             if s is None:
@@ -287,7 +313,7 @@ def markdown(results: dict[str, Any]) -> str:
                 d = s["mean"] - base["mean"]
                 delta = f"{d:+.2f}"
                 verdict = ("yes" if d > max(s["std"], base["std"]) else "no") if min(s["n"], base["n"]) > 1 else "-"
-            agreement = [a for r in s["rows"] for a in r["agreement"].values()]
+            agreement = [r["agreement"][teachers[0]] for r in s["rows"] if teachers[0] in r["agreement"]]
             agree = f"{statistics.mean(agreement):.1f}" if agreement else ""
             spread = f" ± {s['std']:.2f}" if s["n"] > 1 else " (one seed)"
             lines.append(f"| {method} | {s['n']} | {s['mean']:.2f}{spread} | {delta} | {verdict} | "
@@ -365,20 +391,19 @@ def main() -> None:
                             for pair, spec in PAIRS.items()}
         done = {(r["pair"], r["method"], r["seed"]) for r in results["rows"]}
         teacher_preds: dict[str, list[int]] = {}
-        data = {**DATA, "root": str(args.data)}
+        backfill_agreement(results, {**DATA, "root": str(args.data)}, args.runs, teacher_preds)
+        save_results(results)
         for seed in args.seeds:
             for pair in args.pairs:
-                for method, row in PAIRS[pair]["methods"].items():
+                for method in PAIRS[pair]["methods"]:
                     if (pair, method, seed) in done or (args.methods and method not in args.methods):
                         continue
                     if args.max_minutes and time.perf_counter() - started > 60 * args.max_minutes:
                         print(f"--max-minutes {args.max_minutes} reached; run the command again to continue")
                         report(results)
                         return
-                    for key in row.get("teachers", []):
-                        entry = ensure_teacher(key, args.data)
-                        if key not in teacher_preds:
-                            teacher_preds[key] = predictions(TEACHERS_DIR / entry["file"], entry["model"], data)
+                    for key in pair_teachers(PAIRS[pair]):
+                        ensure_teacher(key, args.data)
                     results["rows"].append(run_row(pair, method, seed, args.data, args.runs, teacher_preds))
                     save_results(results)
                     report(results)
