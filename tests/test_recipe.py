@@ -44,7 +44,8 @@ def test_dotted_overrides(recipe_file, tmp_path):
     (["data.dataset=imagenet21k"], "data.dataset", "mini_cifar10"),
     (["student.name=resnet_999"], "student.name", "not a timm model name"),
     (["distill.method=kd"], "teachers", "needs 1 to 8 teacher"),
-    (["distill.method=crd"], "distill.method", "Expected one of: capkd, cit, cskd, deit, kd, libkd, none"),
+    (["distill.method=mgd"], "distill.method",
+     "Expected one of: capkd, cit, crd, cskd, deit, feature, kd, libkd, none, sskd, vlfkd"),
     (["teacher.name=test_resnet", "distill.tempreature=3"], "distill.tempreature", "Parameters of `kd`"),
     (["optim.lr"], None, "dotted.key=value"),
 ])
