@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from .errors import CheckFailed, UserError
 from .machine import sleep_idle_openmp_threads_when_busy
@@ -19,6 +20,21 @@ recipes_app = typer.Typer(no_args_is_help=True, help="List, show and validate re
 app.add_typer(recipes_app, name="recipes")
 data_app = typer.Typer(no_args_is_help=True, help="Check datasets.")
 app.add_typer(data_app, name="data")
+
+
+class EvaluateByDefault(TyperGroup):
+    """`kd2deploy robustness TARGET… --sets DIR` runs the hidden `evaluate` command; `make-sets` is a sub-command."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["evaluate", *args]
+        return super().parse_args(ctx, args)
+
+
+robustness_app = typer.Typer(cls=EvaluateByDefault, no_args_is_help=True, help=(
+    "Bias and robustness sets, and every model's top-1 on them: `kd2deploy robustness make-sets --val DIR --out "
+    "SETS`, then `kd2deploy robustness TARGET... --sets SETS`."))
+app.add_typer(robustness_app, name="robustness")
 console = Console()
 err_console = Console(stderr=True)
 TRAINING_STACK = ("torch", "torchvision", "timm", "onnx", "onnxscript", "onnxslim")  # kd2deploy[train]
@@ -28,6 +44,8 @@ def extra_for(module: str) -> str | None:
     """The kd2deploy extra that installs `module` (a training-stack or backend-runtime package), or None."""
     if module in TRAINING_STACK:
         return "train"
+    if module in ("skimage", "scipy"):
+        return "robustness"
     from .backends import backend_packages
 
     return backend_packages().get(module)
@@ -309,6 +327,55 @@ def recipes_validate(
         console.print(f"[green]ok[/green] {path}: {loaded.name}")
         for field, problem in missing_files(loaded):
             console.print(f"  [yellow]warning[/yellow] {field}: {problem} (needed before training)")
+
+
+@robustness_app.command("make-sets")
+@user_errors
+def robustness_make_sets(
+    val: Path = typer.Option(..., "--val", help="The val images: a folder with one sub-folder per class."),
+    out: Path = typer.Option(..., "--out", help="Where the sets go (one ImageFolder tree per set, and sets.json)."),
+    sets: str | None = typer.Option(None, "--sets", help="Comma-separated: bias, corruptions, or set names "
+                                    "(locality, scramble_2/4/8, noise, shape, texture, a corruption for all its "
+                                    "severities, or one severity such as contrast_3). Default: all."),
+    seed: int = typer.Option(0, "--seed", help="Seeds every random choice; the same seed gives the same sets."),
+    samples: int | None = typer.Option(None, "--samples", min=1, help="Use this many val images, spread over "
+                                       "the classes (default: all)."),
+    corruption_samples: int = typer.Option(2000, "--corruption-samples", min=0, help="Images per corruption and "
+                                           "severity, spread over the classes (0: all)."),
+    noise_fraction: float = typer.Option(1.0, "--noise-fraction", min=0.01, max=1.0, help="Side of the noisy "
+                                         "square relative to the image side."),
+    noise_sigma: float = typer.Option(0.1, "--noise-sigma", min=0.0, help="Std of the fixed noise pattern, "
+                                      "in [0, 1] pixel units."),
+    segments: int = typer.Option(64, "--segments", min=2, help="SLIC superpixels per image (locality)."),
+    workers: int = typer.Option(0, "--workers", min=0, help="Processes (0: one per core)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace sets already in --out."),
+) -> None:
+    """Write the bias sets and the CIFAR-10-C-style corruptions of a val set, deterministically."""
+    from .robustness.make import make_sets
+
+    record = make_sets(val, out, [s.strip() for s in sets.split(",") if s.strip()] if sets else None, seed, samples,
+                       corruption_samples or None, workers or None, noise_fraction, noise_sigma, segments,
+                       err_console, overwrite)
+    console.print(f"{len(record['sets'])} sets of {record['source']['images']} images in {out} "
+                  f"({record['seconds']:.0f} s); see {out / 'sets.json'}")
+
+
+@robustness_app.command("evaluate", hidden=True)
+@user_errors
+def robustness_evaluate(
+    targets: list[Path] = typer.Argument(..., help="Run folders, student.pt files, export folders or artifacts."),
+    sets: Path = typer.Option(..., "--sets", help="A folder written by `kd2deploy robustness make-sets`."),
+    val_samples: int | None = typer.Option(None, "--val-samples", min=1, help="Images per set, spread over the "
+                                           "classes (default: all)."),
+    reference: Path | None = typer.Option(None, "--reference", help="The model mCE is relative to (one of the "
+                                          "targets, or another)."),
+    out: Path = typer.Option(Path("runs/robustness"), "--out", help="Where robustness.{md,csv,json,png} go."),
+) -> None:
+    """Top-1 of every target on every set, the bias ratios, the shape bias and the corruption figures."""
+    from .robustness.evaluate import robustness
+
+    robustness(targets, sets, val_samples, reference, out, console)
+    console.print(f"Report: {out / 'robustness.md'}")
 
 
 def main() -> None:
