@@ -1,0 +1,135 @@
+"""Which biases and how much robustness transfer from a teacher to a student of another architecture?
+
+The analogues of the cross-architecture study's Table 1 (CNN -> ViT) and Table 3 (ViT -> CNN) on the CIFAR-10 JPEG
+copy: for every student that bench/study_cifar10.py trained (one row per method, mean ± std over its seeds), for
+the pair's teachers, and for the best distilled student of each direction as FP32 and INT8 ONNX artifacts, the
+five bias values (top-1 on the set / top-1 on the original images), the cue-conflict shape bias and the mean
+corruption top-1, all from `kd2deploy robustness` on sets made once by `kd2deploy robustness make-sets`.
+
+Every evaluation is one JSON row in bench/results/robustness_study.json, written as soon as it is done, so the
+study resumes where it stopped and runs on any machine that has the study's run folders.
+
+    python bench/robustness_study.py                    # sets (once), then everything missing, then the tables
+    python bench/robustness_study.py --report           # only rewrite the .md from the .json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import study_cifar10 as study
+
+from kd2deploy.bench.harness import training_machine
+from kd2deploy.checkpoint import atomic_write_text
+from kd2deploy.robustness.evaluate import evaluate_target, load_sets, summarise
+from kd2deploy.robustness.make import ORIGINAL, SETS_FILE, make_sets
+
+NAME = "robustness_study"
+BIAS = ["texture", "shape", "locality", "scramble_4", "noise"]  # the study's five, scramble at 4x4
+
+
+def evaluate(key: str, target: Path, sets: Path, record: dict[str, Any], samples: int | None,
+             console: Console) -> list[dict[str, Any]]:
+    rows = evaluate_target(target, sets, record, samples, console)
+    for row in rows:
+        row.update(summarise(row, record, None), key=key)
+    return rows
+
+
+def best_method(results: dict[str, Any], pair: str) -> str | None:
+    """The distilled method with the highest mean top-1 in the study (its seed-0 run is exported)."""
+    stats = study.summarise(results["rows"])
+    candidates = [(s["mean"], m) for (p, m), s in stats.items() if p == pair and not m.startswith("none")]
+    return max(candidates)[1] if candidates else None
+
+
+def markdown(result: dict[str, Any], record: dict[str, Any]) -> str:
+    lines = ["# Bias and robustness transfer, CIFAR-10 (CPU budget)", "",
+             f"Command: `{result['command']}`  ",
+             f"Machine: {result['context'].get('cpu', '?')}, {result['context'].get('cores', '?')} cores. Sets: "
+             f"seed {record['seed']}, {record['source']['images']} test images; every bias set made offline "
+             "(shape: Canny edges; texture: amplitude-phase cue conflict; no pretrained networks), corruptions at "
+             "CIFAR-10-C's parameters, regenerated. Bias = top-1 on the set / top-1 on the original images (1 = "
+             "unaffected); shape bias = shape / (shape + texture) hits on the cue-conflict images. Students: "
+             "bench/study_cifar10.py's runs; mean ± std over seeds.", ""]
+    for pair, spec in study.PAIRS.items():
+        rows = [r for r in result["rows"] if r["key"].startswith(f"{pair}/")]
+        if not rows:
+            continue
+        lines += [f"## {spec['title']} (`{pair}`)", "",
+                  "| model | n | top-1 | " + " | ".join(BIAS) + " | shape bias | mean corruption top-1 |",
+                  "|---|---:|---:|" + "---:|" * (len(BIAS) + 2)]
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for r in rows:
+            groups.setdefault(r["key"].split("/")[1] + ("" if r["backend"] == "pytorch" else f" {r['artifact']}"),
+                              []).append(r)
+        for name, group in groups.items():
+            cells = [_stat([r["top1"][ORIGINAL] for r in group], 2)]
+            cells += [_stat([r["bias"][b] for r in group], 3) for b in BIAS]
+            cells += [_stat([r.get("shape_bias") for r in group], 3), _stat([r["mean_corruption_top1"]
+                                                                              for r in group], 2)]
+            lines.append(f"| {name} | {len(group)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def _stat(values: list[float | None], digits: int) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return ""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path("data/cifar10-jpeg"), help="CIFAR-10 JPEG root")
+    parser.add_argument("--runs", type=Path, default=Path("runs/study"), help="the study's run folders")
+    parser.add_argument("--sets", type=Path, default=Path("runs/robustness/sets"))
+    parser.add_argument("--val-samples", type=int, default=None, help="images per set (default: all)")
+    parser.add_argument("--report", action="store_true", help="only rewrite the table from the JSON")
+    args = parser.parse_args()
+    console = Console(stderr=True)
+    path = study.RESULTS / f"{NAME}.json"
+    result = json.loads(path.read_text()) if path.exists() else {"rows": []}
+    if not (args.sets / SETS_FILE).exists():
+        make_sets(args.data / "test", args.sets, seed=0, console=console)
+    record = load_sets(args.sets)
+    if not args.report:
+        result.update(command="python bench/robustness_study.py", context=training_machine())
+        done = {r["key"] for r in result["rows"]}
+        studied = study.load_results()
+        todo: list[tuple[str, Path]] = []
+        for pair, spec in study.PAIRS.items():
+            todo += [(f"{pair}/teacher_{k}", study.TEACHERS_DIR / study.load_manifest()[k]["file"])
+                     for k in study.pair_teachers(spec)]
+            todo += [(f"{pair}/{r['method']}/seed{r['seed']}", args.runs / pair / r["method"] / f"seed{r['seed']}")
+                     for r in studied["rows"] if r["pair"] == pair]
+            best = best_method(studied, pair)
+            if best is not None:
+                run_dir = args.runs / pair / best / "seed0"
+                export = run_dir / "export"
+                if not (export / "manifest.json").exists() and run_dir.exists():
+                    from kd2deploy.deploy.pipeline import export_run
+
+                    export_run(run_dir, formats=["onnx"], precisions=["fp32", "int8"], console=console)
+                todo.append((f"{pair}/{best} (best) export/seed0", export))
+        for key, target in todo:
+            if key in done or not target.exists():
+                continue
+            result["rows"] += evaluate(key, target, args.sets, record, args.val_samples, console)
+            atomic_write_text(path, json.dumps(result, indent=2, default=str) + "\n")
+    atomic_write_text(study.RESULTS / f"{NAME}.md", markdown(result, record))
+    print((study.RESULTS / f"{NAME}.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
