@@ -355,7 +355,7 @@ def robustness_make_sets(
 
     record = make_sets(val, out, [s.strip() for s in sets.split(",") if s.strip()] if sets else None, seed, samples,
                        corruption_samples or None, workers or None, noise_fraction, noise_sigma, segments,
-                       err_console, overwrite)
+                       err_console, overwrite, command="kd2deploy " + " ".join(sys.argv[1:]))
     console.print(f"{len(record['sets'])} sets of {record['source']['images']} images in {out} "
                   f"({record['seconds']:.0f} s); see {out / 'sets.json'}")
 

@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
@@ -113,7 +112,7 @@ def texture_partners(labels: np.ndarray, seed: int) -> dict[int, int]:
 def make_sets(val: Path, out: Path, names: list[str] | None = None, seed: int = 0, samples: int | None = None,
               corruption_samples: int | None = 2000, workers: int | None = None, noise_fraction: float = 1.0,
               noise_sigma: float = 0.1, segments: int = 64, console: Console | None = None,
-              overwrite: bool = False) -> dict[str, Any]:
+              overwrite: bool = False, command: str = "") -> dict[str, Any]:
     console = console or Console(stderr=True)
     available = gen.bias_sets(noise_fraction, noise_sigma, segments) + gen.corruption_sets()
     specs = _select(available, names)
@@ -149,7 +148,7 @@ def make_sets(val: Path, out: Path, names: list[str] | None = None, seed: int = 
         (partial_dir / "texture" / CONFLICTS).write_text("\n".join(rows) + "\n")
     record = {
         "format": FORMAT, "kd2deploy": __version__, "seed": seed,
-        "command": "kd2deploy robustness make-sets " + " ".join(sys.argv[3:]) if len(sys.argv) > 2 else "",
+        "command": command,
         "source": {"dir": str(val), "images": len(items), "classes": classes,
                    "sha256": tree_digest(partial_dir / ORIGINAL)},
         "sets": {s.name: {**asdict(s), "images": len(items) if s.kind == "bias" else len(corrupted),
