@@ -38,12 +38,7 @@ class TrainingData:
     # (images, targets, indices) batches, as training sees them
     fingerprint: Callable[[], dict[str, Any]]  # what identifies the images, their augmentation and the seed
     cache_dir: Path  # where a method keeps what it computes once per teacher and data (SSKD's teacher head)
-    world_size: int = 1  # torchrun processes
-    console: Any = None  # a rich Console for progress and notes, or None
-
-    @property
-    def num_images(self) -> int:
-        return len(self.targets)
+    console: Any = None  # a rich Console for progress and notes (on the main process only), or None
 
 
 class Distiller(nn.Module):
@@ -153,6 +148,14 @@ class Distiller(nn.Module):
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         pass
+
+
+def model_input_size(model: nn.Module) -> int:
+    """The input side a timm model was built for: its patch embedding's, else its pretrained config's."""
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if size is not None:
+        return int(size[-1])
+    return int((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[-1])
 
 
 def require_distill_tokens(student: nn.Module, count: int, method: str, example: str) -> None:

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from ..distributed import all_reduce_mean_grads
 from ..errors import UserError
-from .base import Distiller, MethodParams, StepOutput, kl_divergence
+from .base import Distiller, MethodParams, StepOutput, kl_divergence, model_input_size
 from .hooks import FeatureHooks, TransformerTap
 from .registry import register_method
 
@@ -281,7 +281,7 @@ class CrossArchitectureKD(Distiller):
         except ValueError as exc:
             raise UserError(f"CAP-KD needs a vision-transformer teacher (timm ViT, DeiT, Swin...), but {exc} "
                             "(teachers.0.name). Name a transformer teacher, or use `distill.method: kd`.") from None
-        self.teacher_size = params.teacher_img_size or _input_size(teacher)
+        self.teacher_size = params.teacher_img_size or model_input_size(teacher)
         # the batch reaches the teacher resized to teacher_size; the student sees data.img_size (without it, a unit
         # test, assume the teacher's size: h_S is then the stage whose reduction equals the teacher's patch size)
         self.student_size = params.student_img_size or self.img_size or self.teacher_size
@@ -404,10 +404,3 @@ class CrossArchitectureKD(Distiller):
         self.disc_optimizer.load_state_dict(state["disc_optimizer"])
         self.disc_steps = state["disc_steps"]
 
-
-def _input_size(model: nn.Module) -> int:
-    """The input side a timm model was built for: its patch embedding's, else its pretrained config's."""
-    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if size is not None:
-        return int(size[-1])
-    return int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])

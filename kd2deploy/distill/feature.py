@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from ..errors import UserError
-from .base import Distiller, MethodParams, StepOutput, kl_divergence
+from .base import Distiller, MethodParams, StepOutput, kl_divergence, model_input_size
 from .hooks import FeatureHooks
 from .registry import register_method
 
@@ -143,7 +143,7 @@ class FeatureDistillation(Distiller):
     def _probe(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Every hooked layer's output for one blank image at the data's size (the student in eval mode, so its
         normalisation statistics are untouched)."""
-        side = self.img_size or _default_side(self.student)
+        side = self.img_size or model_input_size(self.student)
         was_training = self.student.training
         self.student.eval()
         self.student(torch.zeros(1, 3, side, side))
@@ -171,10 +171,6 @@ class FeatureDistillation(Distiller):
             loss = loss + p.kd_weight * kd
             terms["kd"] = kd.detach()
         return StepOutput(loss, logits, terms)
-
-
-def _default_side(model: nn.Module) -> int:
-    return int((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[-1])
 
 
 def _hooks(model: nn.Module, layers: dict[str, str], side: str) -> FeatureHooks:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ..errors import UserError
+
 
 class FeatureHooks:
     """Record the outputs of named sub-modules on every forward.
@@ -55,8 +57,6 @@ class PooledFeatures:
 
 def pooled_features(model: nn.Module, method: str, field: str) -> PooledFeatures:
     """PooledFeatures(model), or a UserError naming the recipe field."""
-    from ..errors import UserError
-
     try:
         return PooledFeatures(model)
     except ValueError as exc:

@@ -171,7 +171,7 @@ class SSKD(Distiller):
                     loss = F.cross_entropy(similarity, labels)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
-                    _average_gradients(head, data.world_size)
+                    _average_gradients(head)
                     optimizer.step()
                     hits += int((similarity.argmax(dim=1) == labels).sum())
                     seen += len(labels)
@@ -205,15 +205,16 @@ class SSKD(Distiller):
                                                  "tf": tf.detach()})
 
 
-def _average_gradients(module: nn.Module, world_size: int) -> None:
-    if world_size > 1 and dist.is_initialized():
+def _average_gradients(module: nn.Module) -> None:
+    """Under torchrun, every process's head steps with the gradient of all their batches."""
+    if dist.is_available() and dist.is_initialized():
         for param in module.parameters():
             if param.grad is not None:
                 dist.all_reduce(param.grad)
-                param.grad /= world_size
+                param.grad /= dist.get_world_size()
 
 
 def _say(data: TrainingData, message: str) -> None:
-    if data.console is not None and (not dist.is_initialized() or dist.get_rank() == 0):
+    if data.console is not None:  # the engine gives a console to the main process only
         data.console.print(message)
 

@@ -245,6 +245,11 @@ def _valid(folder: Path, key: str) -> bool:
         len(array) == rows for name, array in arrays.items() if name != "views")
 
 
+def cache_dir(cfg: Any) -> Path:
+    """The folder of a recipe's `teacher_cache` section: its `dir`, or DEFAULT_DIR."""
+    return Path(cfg.dir) if cfg.dir is not None else DEFAULT_DIR
+
+
 def prepare_teacher_cache(distiller: Any, train_set: SampleDataset, info: DataInfo, recipe: Recipe, env: DistEnv,
                           console: Console, resident: ResidentImages | None = None) -> StoredViewDataset:
     """Open (or build) the cache of every teacher, attach it to the distiller and return the training dataset
@@ -252,7 +257,7 @@ def prepare_teacher_cache(distiller: Any, train_set: SampleDataset, info: DataIn
     when building, as they will be in training. Raises UserError for setups the cache cannot serve correctly."""
     check_cacheable(distiller, recipe)
     cfg = recipe.teacher_cache
-    root = Path(cfg.dir) if cfg.dir is not None else DEFAULT_DIR
+    root = cache_dir(cfg)
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

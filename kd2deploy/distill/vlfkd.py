@@ -38,7 +38,7 @@ from timm.models.vision_transformer import Attention
 from torch import Tensor, nn
 
 from ..errors import UserError
-from .base import Distiller, MethodParams, StepOutput
+from .base import Distiller, MethodParams, StepOutput, model_input_size
 from .cskd import check_dense_teacher, dense_logits, pool_to_cells
 from .registry import register_method
 
@@ -105,7 +105,7 @@ class VLFKD(Distiller):
                             f"`{type(student).__name__}` (student.name) has no patch grid and final norm. Use a "
                             "timm ViT or one of kd2deploy's token ViTs (e.g. libkd_nano_patch4_32).")
         self.grid = tuple(grid)
-        side = self.img_size or int(student.patch_embed.img_size[0])
+        side = self.img_size or model_input_size(student)
         self.teacher_grid = check_dense_teacher(teacher, (side, side), "VLFKD")
         self.student_hooks = self.hook_features(student, {"tokens": "norm"})
         with torch.no_grad():

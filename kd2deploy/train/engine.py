@@ -42,7 +42,7 @@ from ..data.loaders import (
 )
 from ..distill import Distiller, get_method_class
 from ..distill.base import TrainingData
-from ..distill.teacher_cache import DEFAULT_DIR, dataset_digest, prepare_teacher_cache
+from ..distill.teacher_cache import cache_dir, dataset_digest, prepare_teacher_cache
 from ..distributed import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown
 from ..errors import UserError
 from ..models import create_model
@@ -154,8 +154,7 @@ class Trainer:
                     "img_size": self.info.img_size, "batch_size": r.optim.batch_size, "seed": r.optim.seed}
 
         return TrainingData(targets=dataset_targets(images), epoch_batches=epoch_batches, fingerprint=fingerprint,
-                            cache_dir=Path(r.teacher_cache.dir) if r.teacher_cache.dir is not None else DEFAULT_DIR,
-                            world_size=self.env.world_size, console=self.console if self.env.is_main else None)
+                            cache_dir=cache_dir(r.teacher_cache), console=self.console if self.env.is_main else None)
 
     def _loaders(self) -> tuple[Any, Any]:
         """Train and val loaders: loader processes, or batches built from resident images on the device."""
