@@ -16,7 +16,7 @@ from conftest import quiet, tiny_recipe, write_recipe
 from torch import nn
 
 from kd2deploy.checkpoint import STUDENT, load_checkpoint
-from kd2deploy.distill import Distiller, MethodParams, StepOutput, get_method_class, method_names, register_method
+from kd2deploy.distill import Distiller, MethodParams, StepOutput, get_method_class, method_names, registry
 from kd2deploy.models import create_model
 from kd2deploy.recipe import load_recipe
 from kd2deploy.train.engine import Trainer, train
@@ -162,7 +162,6 @@ class AuxParams(MethodParams):
     weight: float = 0.5
 
 
-@register_method
 class ProjectorAndCritic(Distiller):
     """A test method using every extension point: a hooked feature, a projector the engine's optimizer trains,
     and a critic with its own optimizer stepped every 2nd iteration (as adversarial methods do)."""
@@ -209,7 +208,9 @@ class ProjectorAndCritic(Distiller):
         self.critic_steps = state["critic_steps"]
 
 
-def test_distiller_extension_points_need_no_engine_special_case(tmp_path):
+def test_distiller_extension_points_need_no_engine_special_case(tmp_path, monkeypatch):
+    # Registered for this test only, so other tests see the real method table.
+    monkeypatch.setitem(registry._METHODS, ProjectorAndCritic.name, ProjectorAndCritic)
     recipe = tiny_recipe(tmp_path / "run", teacher={"name": "test_resnet"},
                          distill={"method": "test_projector_critic", "weight": 0.5}, optim={"epochs": 2})
     trainer = Trainer(load_recipe(write_recipe(tmp_path / "r.yaml", recipe)), console=quiet())
