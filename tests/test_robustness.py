@@ -130,6 +130,9 @@ class SquareSegmenter:
     def eval(self):
         return self
 
+    def to(self, device):
+        return self
+
     def __call__(self, x):
         import torch
 
@@ -172,7 +175,7 @@ def test_pretrained_style_transfer_moves_the_content_image_towards_the_style():
         from kd2deploy.robustness.pretrained import _to_tensor
 
         with torch.no_grad():
-            grams = [transfer._activations(_to_tensor(y, 32))[0] for y in (x, textures)]
+            grams = [transfer._activations(_to_tensor(y, 32, transfer.device))[0] for y in (x, textures)]
             return sum(float(((a - b) ** 2).sum()) for a, b in zip(*grams, strict=True))
 
     out = transfer(textures, shapes)

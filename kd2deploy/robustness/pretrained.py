@@ -11,7 +11,8 @@
   with Adam at `size` pixels: style = Gram matrices of relu1_1 … relu5_1, content = relu4_2 (their Eq. 1–5). The
   folder is the texture's class and conflicts.csv names the shape's, as for the offline construction.
 
-Needs torch and torchvision (kd2deploy[train]).
+Needs torch and torchvision (kd2deploy[train]); runs on the GPU when there is one (style transfer optimises every
+image, so on a CPU it takes hours for 10,000 images).
 """
 from __future__ import annotations
 
@@ -59,12 +60,18 @@ def _load_state(spec: tuple[str, str, str]) -> dict[str, Any]:
     return torch.load(weight_file(spec), map_location="cpu", weights_only=True)
 
 
-def _to_tensor(images: np.ndarray, size: int) -> Any:
+def _device() -> Any:
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _to_tensor(images: np.ndarray, size: int, device: Any = "cpu") -> Any:
     """uint8 (N, H, W, 3) -> float (N, 3, size, size) in [0, 1]."""
     import torch
     import torch.nn.functional as F
 
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float() / 255
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
@@ -85,7 +92,8 @@ class Silhouettes:
 
             model = fcn_resnet101(weights=None, weights_backbone=None, num_classes=21, aux_loss=True)
             model.load_state_dict(_load_state(SHAPE_WEIGHTS))
-        self.model, self.size = model.eval(), size
+        self.device = _device()
+        self.model, self.size = model.eval().to(self.device), size
         self.no_grad = torch.no_grad
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
@@ -93,14 +101,14 @@ class Silhouettes:
 
         h, w = images.shape[1:3]
         with self.no_grad():
-            scores = self.model(_normalise(_to_tensor(images, self.size)))["out"]
+            scores = self.model(_normalise(_to_tensor(images, self.size, self.device)))["out"].float()
             scores = F.interpolate(scores, size=(h, w), mode="bilinear", align_corners=False)
             background = scores.softmax(1)[:, 0]
             mask = scores.argmax(1) != 0
             for i in range(len(mask)):
                 if not mask[i].any():  # nothing found: the most object-like part of the image
                     mask[i] = background[i] < background[i].mean()
-        out = np.where(mask.numpy(), 0, 255).astype(np.uint8)
+        out = np.where(mask.cpu().numpy(), 0, 255).astype(np.uint8)
         return np.repeat(out[..., None], 3, axis=3)
 
 
@@ -123,7 +131,8 @@ class StyleTransfer:
             model = vgg19(weights=None)
             model.load_state_dict(_load_state(TEXTURE_WEIGHTS))
             features = model.features
-        self.features = features[:max(*STYLE_LAYERS, CONTENT_LAYER) + 1].eval().requires_grad_(False)
+        self.device = _device()
+        self.features = features[:max(*STYLE_LAYERS, CONTENT_LAYER) + 1].eval().requires_grad_(False).to(self.device)
         for layer in self.features:
             if hasattr(layer, "inplace"):
                 layer.inplace = False  # the outputs at STYLE_LAYERS are kept
@@ -152,9 +161,9 @@ class StyleTransfer:
 
         h, w = textures.shape[1:3]
         with torch.no_grad():
-            style_targets, _ = self._activations(_to_tensor(textures, self.size))
-            _, content_target = self._activations(_to_tensor(shapes, self.size))
-        image = _to_tensor(shapes, self.size).requires_grad_(True)
+            style_targets, _ = self._activations(_to_tensor(textures, self.size, self.device))
+            _, content_target = self._activations(_to_tensor(shapes, self.size, self.device))
+        image = _to_tensor(shapes, self.size, self.device).requires_grad_(True)
         optimizer = torch.optim.Adam([image], lr=self.lr)
         for _ in range(self.steps):
             optimizer.zero_grad()
@@ -163,4 +172,4 @@ class StyleTransfer:
             with torch.no_grad():
                 image.clamp_(0, 1)
         out = F.interpolate(image.detach(), size=(h, w), mode="bilinear", align_corners=False, antialias=True)
-        return (out.permute(0, 2, 3, 1).numpy() * 255).round().clip(0, 255).astype(np.uint8)
+        return (out.permute(0, 2, 3, 1).cpu().numpy() * 255).round().clip(0, 255).astype(np.uint8)
