@@ -7,7 +7,7 @@ rest of the process's wall time (start, data, models, a method's preparatory sta
 the two evaluations); it is reported, not hidden. Nothing else may run meanwhile: the table records the load.
 
     python bench/method_cost.py                     # both pairs, every method
-    python bench/method_cost.py --pairs vit_to_cnn --images 2560
+    python bench/method_cost.py --pairs cnn_to_vit  # measure one pair again (the other's rows are kept)
 """
 from __future__ import annotations
 
@@ -59,19 +59,23 @@ def run(pair: str, method: str, images: int, data_root: Path, run_root: Path) ->
 
 
 def markdown(result: dict[str, Any]) -> str:
-    ctx = result["context"]
     lines = ["# Cost of each distillation method (seconds per epoch)", "",
-             f"Command: `{result['command']}`  ",
-             f"Machine: {ctx.get('cpu', '?')}, {ctx.get('cores', '?')} cores, GPU: {ctx.get('gpu') or 'none'}; "
-             f"torch {ctx.get('versions', {}).get('torch', '?')}. One run, methods one after the other, nothing "
-             "else running (busy cores at each start in the JSON). Second of 2 epochs on a seeded subset, scaled to "
-             "10,000 images; the study's students, teachers, optimisers and bf16 autocast.", ""]
+             "Each pair is measured in one run, methods one after the other, nothing else running (busy cores at "
+             "each start in the JSON), so its ratios compare like with like. Second of 2 epochs on a seeded subset, "
+             "scaled to 10,000 images; the study's students, teachers, optimisers and bf16 autocast.", ""]
     for pair, spec in study.PAIRS.items():
         rows = [r for r in result["rows"] if r["pair"] == pair]
         if not rows:
             continue
         base = next((r["s_per_epoch_10k"] for r in rows if r["method"] == "none"), None)
+        measured = result["runs"][pair]
+        ctx = measured["context"]
         lines += [f"## {spec['title']} (`{pair}`)", "",
+                  f"Command: `{measured['command']}` ({measured['date']})  ",
+                  f"Machine: {ctx.get('cpu', '?')}, {ctx.get('cores', '?')} cores, GPU: {ctx.get('gpu') or 'none'}; "
+                  f"torch {ctx.get('versions', {}).get('torch', '?')}.", "",
+                  *([] if measured["complete"] else [f"Partial: the run stopped after `{rows[-1]['method']}`; "
+                                                      "measure the pair again for its other methods.", ""]),
                   "| method | s / epoch (10k images) | × no teacher | images/s | setup s |",
                   "|---|---:|---:|---:|---:|"]
         for r in rows:
@@ -91,15 +95,26 @@ def main() -> None:
     args = parser.parse_args()
     for key in sorted({k for pair in args.pairs for k in study.pair_teachers(study.PAIRS[pair])}):
         study.ensure_teacher(key, args.data)
-    result: dict[str, Any] = {"command": "python bench/" + Path(__file__).name + " " + " ".join(sys.argv[1:]),
-                              "context": training_machine(), "rows": []}
+    # a pair is always measured whole, in one run; the other pairs' rows of an earlier run are kept
+    path = study.RESULTS / f"{NAME}.json"
+    result: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"rows": []}
+    if "runs" not in result:  # written before pairs were recorded one by one: one run for every pair in it
+        result["runs"] = {pair: {"command": result.get("command", "?"), "context": result.get("context", {}),
+                                 "date": "2026-12-01", "complete": set(study.PAIRS[pair]["methods"]) - SKIP
+                                 <= {r["method"] for r in result["rows"] if r["pair"] == pair}}
+                          for pair in {r["pair"] for r in result["rows"]}}
+    command = "python bench/" + Path(__file__).name + " " + " ".join(sys.argv[1:])
     for pair in args.pairs:
+        result["rows"] = [r for r in result["rows"] if r["pair"] != pair]
+        result["runs"][pair] = {"command": command, "context": training_machine(),
+                                "date": time.strftime("%Y-%m-%d"), "complete": False}
         for method in study.PAIRS[pair]["methods"]:
             if method in SKIP:
                 continue
             result["rows"].append(run(pair, method, args.images, args.data, args.runs))
+            result["runs"][pair]["complete"] = method == study.PAIRS[pair]["methods"][-1]
             study.RESULTS.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(study.RESULTS / f"{NAME}.json", json.dumps(result, indent=2, default=str) + "\n")
+            atomic_write_text(path, json.dumps(result, indent=2, default=str) + "\n")
             atomic_write_text(study.RESULTS / f"{NAME}.md", markdown(result))
     print((study.RESULTS / f"{NAME}.md").read_text())
 

@@ -347,6 +347,10 @@ def robustness_make_sets(
     noise_sigma: float = typer.Option(0.1, "--noise-sigma", min=0.0, help="Std of the fixed noise pattern, "
                                       "in [0, 1] pixel units."),
     segments: int = typer.Option(64, "--segments", min=2, help="SLIC superpixels per image (locality)."),
+    construction: str = typer.Option("auto", "--construction", help="How shape and texture are made: pretrained "
+                                     "(FCN-ResNet-101 silhouettes, VGG-19 style transfer; weights from torch's hub "
+                                     "cache, never downloaded), offline (edges, amplitude-phase cue conflict; no "
+                                     "weights) or auto (pretrained when its weights are here)."),
     workers: int = typer.Option(0, "--workers", min=0, help="Processes (0: one per core)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace sets already in --out."),
 ) -> None:
@@ -355,7 +359,8 @@ def robustness_make_sets(
 
     record = make_sets(val, out, [s.strip() for s in sets.split(",") if s.strip()] if sets else None, seed, samples,
                        corruption_samples or None, workers or None, noise_fraction, noise_sigma, segments,
-                       err_console, overwrite, command="kd2deploy " + " ".join(sys.argv[1:]))
+                       err_console, overwrite, command="kd2deploy " + " ".join(sys.argv[1:]),
+                       construction=construction)
     console.print(f"{len(record['sets'])} sets of {record['source']['images']} images in {out} "
                   f"({record['seconds']:.0f} s); see {out / 'sets.json'}")
 

@@ -87,6 +87,28 @@ def test_edge_refuses_training_with_a_clear_error(edge_python, tmp_path):
     assert listed.returncode == 0 and "quickstart" in listed.stdout
 
 
+def test_edge_robustness_of_int8_and_fp32_artifacts(edge_python, export_dir, tmp_path):
+    """The sets are plain image folders, so an export's robustness is measured where it is deployed: the same
+    top-1 per set as the training stack's evaluation of the same artifacts."""
+    pytest.importorskip("skimage", reason='making the sets needs scikit-image (pip install "kd2deploy[robustness]")')
+    from kd2deploy.data.sources import MINI_CIFAR10
+    from kd2deploy.robustness.evaluate import robustness
+    from kd2deploy.robustness.make import make_sets
+
+    sets = tmp_path / "sets"
+    make_sets(MINI_CIFAR10 / "val", sets, ["scramble_4", "texture", "contrast_5"], samples=30, workers=1)
+    out = tmp_path / "report"
+    result = run(edge_python.parent / "kd2deploy", "robustness", export_dir, "--sets", sets, "--out", out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((out / "robustness.json").read_text())
+    assert [r["artifact"] for r in report["rows"]] == ["onnx-fp32", "onnx-int8"]
+    assert (out / "robustness.png").is_file() and "onnx-int8" in (out / "robustness.md").read_text()
+    expected = robustness([export_dir], sets, out=tmp_path / "here", console=quiet())["rows"]
+    for edge_row, row in zip(report["rows"], expected, strict=True):
+        assert edge_row["top1"] == pytest.approx(row["top1"]) and edge_row["bias"] == pytest.approx(row["bias"])
+        assert edge_row["shape_hits"] + edge_row["texture_hits"] <= 30
+
+
 def test_the_bare_core_install_names_the_extra_it_lacks(edge_python, export_dir):
     """Without onnxruntime (the core install, no extras) eval and bench say which extra runs the artifacts. Runs
     last in this module: it uninstalls onnxruntime from the edge venv."""

@@ -176,7 +176,7 @@ def test_sskd_trains_its_teacher_head_once_and_caches_it(tmp_path):
     first.prepare(training_data(torch.zeros(8, dtype=torch.long), tmp_path, batches))
     assert any(not torch.equal(v, untrained[k]) for k, v in first.teacher_head.state_dict().items())
     assert not any(p.requires_grad for p in first.teacher_head.parameters())  # frozen for the student's training
-    assert len(list(tmp_path.glob("sskd-head-*.pt"))) == 1
+    [cached] = tmp_path.glob("sskd-head-*.pt")
 
     second = sskd(tmp_path, head_epochs=3)
     second.prepare(training_data(torch.zeros(8, dtype=torch.long), tmp_path, batches=[]))  # no data: a cache hit
@@ -185,6 +185,12 @@ def test_sskd_trains_its_teacher_head_once_and_caches_it(tmp_path):
     other = sskd(tmp_path, head_epochs=2)  # other head settings: another key
     other.prepare(training_data(torch.zeros(8, dtype=torch.long), tmp_path, batches))
     assert len(list(tmp_path.glob("sskd-head-*.pt"))) == 2
+
+    cached.write_bytes(cached.read_bytes()[:100])  # truncated: a cache miss, trained again and replaced
+    third = sskd(tmp_path, head_epochs=3)
+    third.prepare(training_data(torch.zeros(8, dtype=torch.long), tmp_path, batches))
+    for key, value in torch.load(cached, weights_only=True)["state_dict"].items():
+        assert torch.equal(third.teacher_head.state_dict()[key], value)
 
 
 def test_sskd_loss_weights_its_four_terms_and_sees_the_rotations(tmp_path):

@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 from conftest import run_cli
+from PIL import Image
 
 from kd2deploy.data.sources import MINI_CIFAR10
 from kd2deploy.errors import UserError
@@ -118,3 +119,91 @@ def test_bias_ratios_shape_bias_and_mce_arithmetic():
     assert math.isclose(summarise(row, record, None)["bias"]["noise"], 0.75)
     assert "mce" not in summarise(row, record, None)
     assert json.dumps(out)  # serialisable for robustness.json
+
+
+class SquareSegmenter:
+    """A stand-in for FCN-ResNet-101: class 5 inside a known square, background elsewhere (or everywhere)."""
+
+    def __init__(self, empty: bool = False):
+        self.empty = empty
+
+    def eval(self):
+        return self
+
+    def to(self, device):
+        return self
+
+    def __call__(self, x):
+        import torch
+
+        scores = torch.zeros(len(x), 21, *x.shape[2:])
+        scores[:, 0] = 1.0
+        side = x.shape[2]
+        if not self.empty:
+            scores[:, 5, side // 4:side // 2, side // 4:side // 2] = 2.0
+        else:  # background everywhere, but less sure on the left half
+            scores[:, 0, :, : side // 2] = 0.5
+        return {"out": scores}
+
+
+def test_pretrained_silhouettes_draw_the_segmented_object_black_on_white():
+    pytest.importorskip("torchvision", reason='torchvision not installed (pip install "kd2deploy[train]")')
+    from kd2deploy.robustness.pretrained import Silhouettes
+
+    images = np.stack([image(0), image(1)])
+    out = Silhouettes(size=64, model=SquareSegmenter())(images)
+    expected = np.full((32, 32), 255, np.uint8)
+    expected[8:16, 8:16] = 0
+    assert out.shape == images.shape and np.array_equal(out[0, ..., 0], expected) and np.array_equal(out[0], out[1])
+    # nothing segmented: the part of the image least sure to be background becomes the object
+    empty = Silhouettes(size=64, model=SquareSegmenter(empty=True))(images)
+    assert (empty[0, :, :16] == 0).all() and (empty[0, :, 16:] == 255).all()
+
+
+def test_pretrained_style_transfer_moves_the_content_image_towards_the_style():
+    tv = pytest.importorskip("torchvision", reason='torchvision not installed (pip install "kd2deploy[train]")')
+    import torch
+
+    from kd2deploy.robustness.pretrained import StyleTransfer
+
+    torch.manual_seed(0)
+    transfer = StyleTransfer(size=32, steps=15, style_weight=1e3, lr=0.05,
+                             features=tv.models.vgg19(weights=None).features)
+    textures, shapes = np.stack([image(2), image(3)]), np.stack([image(4) // 4, image(5) // 4])
+
+    def style_distance(x: np.ndarray) -> float:
+        from kd2deploy.robustness.pretrained import _to_tensor
+
+        with torch.no_grad():
+            grams = [transfer._activations(_to_tensor(y, 32, transfer.device))[0] for y in (x, textures)]
+            return sum(float(((a - b) ** 2).sum()) for a, b in zip(*grams, strict=True))
+
+    out = transfer(textures, shapes)
+    assert out.shape == textures.shape and out.dtype == np.uint8
+    assert style_distance(out) < 0.5 * style_distance(shapes)
+
+
+def test_make_sets_chooses_the_construction_and_says_which(tmp_path, monkeypatch):
+    pytest.importorskip("torchvision", reason='torchvision not installed (pip install "kd2deploy[train]")')
+    from kd2deploy.robustness import pretrained
+
+    monkeypatch.setattr(pretrained, "missing", lambda: ["/hub/checkpoints/vgg19-dcbb9e9d.pth is missing"])
+    with pytest.raises(UserError, match=r"vgg19-dcbb9e9d\.pth is missing.*--construction offline"):
+        make_sets(MINI_VAL, tmp_path / "p", ["shape"], samples=20, workers=1, construction="pretrained")
+    auto = make_sets(MINI_VAL, tmp_path / "a", ["shape", "noise"], samples=20, workers=1, construction="auto")
+    assert auto["sets"]["shape"]["construction"] == "offline"
+
+    # with the weights "present", shape and texture come from the networks (stand-ins here), the rest stays offline
+    monkeypatch.setattr(pretrained, "missing", lambda: [])
+    silhouettes = pretrained.Silhouettes
+    monkeypatch.setattr(pretrained, "Silhouettes", lambda size: silhouettes(size, model=SquareSegmenter()))
+    monkeypatch.setattr(pretrained, "StyleTransfer", lambda size, steps, style_weight, lr: (
+        lambda textures, shapes: np.minimum(textures, shapes)))
+    record = make_sets(MINI_VAL, tmp_path / "n", ["shape", "texture", "noise"], samples=20, workers=1,
+                       construction="auto")
+    assert {n: s["construction"] for n, s in record["sets"].items()} == {
+        "shape": "pretrained", "texture": "pretrained", "noise": "offline"}
+    shape_png = next((tmp_path / "n" / "shape").rglob("*.png"))
+    assert set(np.unique(np.asarray(Image.open(shape_png)))) == {0, 255}
+    assert (tmp_path / "n" / "texture" / "conflicts.csv").read_text().count("\n") == 21
+    assert "pretrained" in load_sets(tmp_path / "n")["sets"]["texture"]["construction"]

@@ -128,11 +128,15 @@ class SSKD(Distiller):
         key, fields = self._head_key(data)
         path = data.cache_dir / f"sskd-head-{key[:32]}.pt"
         if path.is_file():
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            if saved.get("key") == key:
-                self.teacher_head.load_state_dict(saved["state_dict"])
-                _say(data, f"SSKD teacher head: cached, {path}")
-                return
+            try:
+                saved = torch.load(path, map_location="cpu", weights_only=True)
+                if saved.get("key") == key:
+                    self.teacher_head.load_state_dict(saved["state_dict"])
+                    _say(data, f"SSKD teacher head: cached, {path}")
+                    return
+            except Exception as exc:  # a truncated or foreign cache file is a cache miss: train and replace it
+                _say(data, f"SSKD teacher head: the cached {path} cannot be read ({type(exc).__name__}); "
+                           "training it again")
         accuracy = self._train_teacher_head(data)
         if not dist.is_initialized() or dist.get_rank() == 0:
             data.cache_dir.mkdir(parents=True, exist_ok=True)

@@ -92,7 +92,7 @@ def _work(chunk: list[int], items: list[tuple[Path, int]], names: list[str], spe
         stem = f"{path.stem}.png"
         Image.fromarray(image).save(out / ORIGINAL / names[label] / stem)
         for spec in specs:
-            if spec.kind == "corruption" and i not in corrupted:
+            if (spec.kind == "corruption" and i not in corrupted) or spec.construction == "pretrained":
                 continue
             partner = _load(items[partners[i]][0]) if spec.name == "texture" else None
             result = _apply(spec, image, gen.image_rng(seed, spec.name, i), partner, seed)
@@ -109,13 +109,61 @@ def texture_partners(labels: np.ndarray, seed: int) -> dict[int, int]:
     return partners
 
 
+def _pretrained_pass(specs: list[gen.SetSpec], items: list[tuple[Path, int]], names: list[str],
+                     partners: dict[int, int], out: Path, progress: Progress, batch: int = 32) -> None:
+    """The sets made by networks, batch by batch in this process (torch uses every core)."""
+    from . import pretrained
+
+    makers = {spec.name: (pretrained.Silhouettes(spec.params["size"]) if spec.name == "shape" else
+                          pretrained.StyleTransfer(spec.params["size"], spec.params["steps"],
+                                                   spec.params["style_weight"], spec.params["lr"]))
+              for spec in specs}
+    for name, make in makers.items():
+        task = progress.add_task(f"{name} (pretrained)", total=len(items))
+        for start in range(0, len(items), batch):
+            chunk = range(start, min(start + batch, len(items)))
+            images = np.stack([_load(items[i][0]) for i in chunk])
+            if name == "texture":
+                results = make(images, np.stack([_load(items[partners[i]][0]) for i in chunk]))
+            else:
+                results = make(images)
+            for i, result in zip(chunk, results, strict=True):
+                path, label = items[i]
+                Image.fromarray(result).save(out / name / names[label] / f"{path.stem}.png")
+            progress.advance(task, len(chunk))
+
+
+def choose_construction(construction: str, console: Console) -> bool:
+    """Whether shape and texture are made by the pretrained networks (`auto`: when their weights are here)."""
+    from . import pretrained
+
+    if construction == "offline":
+        return False
+    reasons = pretrained.missing()
+    if construction == "pretrained" and reasons:
+        raise UserError("--construction pretrained needs torchvision's FCN-ResNet-101 and VGG-19 weights in torch's "
+                        f"hub cache, and here {'; '.join(reasons)}. Download them once on a connected machine "
+                        "(e.g. `python -c \"import torchvision.models as m; m.vgg19(weights='IMAGENET1K_V1'); "
+                        "m.segmentation.fcn_resnet101(weights='COCO_WITH_VOC_LABELS_V1')\"`) and copy the files "
+                        "there, or use --construction offline.")
+    if reasons:
+        console.print(f"shape and texture: offline construction ({'; '.join(reasons)}; the pretrained one needs "
+                      "both networks' weights).")
+    return not reasons
+
+
 def make_sets(val: Path, out: Path, names: list[str] | None = None, seed: int = 0, samples: int | None = None,
               corruption_samples: int | None = 2000, workers: int | None = None, noise_fraction: float = 1.0,
               noise_sigma: float = 0.1, segments: int = 64, console: Console | None = None,
-              overwrite: bool = False, command: str = "") -> dict[str, Any]:
+              overwrite: bool = False, command: str = "", construction: str = "offline") -> dict[str, Any]:
+    """`construction` (offline, pretrained or auto) says how the shape and texture sets are made."""
     console = console or Console(stderr=True)
-    available = gen.bias_sets(noise_fraction, noise_sigma, segments) + gen.corruption_sets()
-    specs = _select(available, names)
+    if construction not in ("offline", "pretrained", "auto"):
+        raise UserError(f"--construction {construction!r} is not one of offline, pretrained, auto.")
+    specs = _select(gen.bias_sets(noise_fraction, noise_sigma, segments) + gen.corruption_sets(), names)
+    if any(s.name in ("shape", "texture") for s in specs) and choose_construction(construction, console):
+        pretrained_specs = gen.bias_sets(noise_fraction, noise_sigma, segments, pretrained=True)
+        specs = [next(p for p in pretrained_specs if p.name == s.name) if s.kind == "bias" else s for s in specs]
     if (out / SETS_FILE).exists() and not overwrite:
         raise UserError(f"{out} already holds sets ({SETS_FILE}). Give another --out, or --overwrite to replace "
                         "them.")
@@ -136,11 +184,15 @@ def make_sets(val: Path, out: Path, names: list[str] | None = None, seed: int = 
     chunks = [list(range(i, min(i + 256, len(items)))) for i in range(0, len(items), 256)]
     job = partial(_work, items=items, names=classes, specs=specs, partners=partners, corrupted=corrupted,
                   out=partial_dir, seed=seed)
-    columns = (TextColumn("making sets"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console) as progress, ProcessPoolExecutor(workers) as pool:
-        task = progress.add_task("sets", total=len(items))
-        for done in pool.map(job, chunks):
-            progress.advance(task, done)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        with ProcessPoolExecutor(workers) as pool:
+            task = progress.add_task("making sets", total=len(items))
+            for done in pool.map(job, chunks):
+                progress.advance(task, done)
+        networks = [s for s in specs if s.construction == "pretrained"]
+        if networks:
+            _pretrained_pass(networks, items, classes, partners, partial_dir, progress)
     if partners:
         rows = ["file,texture_class,shape_class"] + [
             f"{classes[labels[i]]}/{items[i][0].stem}.png,{classes[labels[i]]},{classes[labels[partners[i]]]}"

@@ -15,6 +15,8 @@ Bias sets (after the cross-architecture study behind kd2deploy; bias = top-1 on 
   the amplitude spectrum of the image (its texture, which names the folder) with the phase of an image of another
   class (its shape, recorded in conflicts.csv), so shape bias = shape hits / (shape hits + texture hits) in the
   manner of Geirhos et al. 2019.
+- `shape` and `texture` (pretrained construction, in `pretrained.py`): the study's way, with segmentation and
+  style-transfer networks, used when their weights are available locally.
 Corruptions in the style of CIFAR-10-C (Hendrycks & Dietterich 2019), regenerated with CIFAR's parameters (not the
 official files): Gaussian, shot and impulse noise, defocus and motion blur, brightness, contrast, pixelate, JPEG,
 each at severities 1–5.
@@ -203,7 +205,26 @@ class SetSpec:
     params: dict[str, Any] = field(default_factory=dict)
 
 
-def bias_sets(noise_fraction: float = 1.0, noise_sigma: float = 0.1, segments: int = 64) -> list[SetSpec]:
+PRETRAINED_SHAPE = SetSpec("shape", "bias", "pretrained", "FCN-ResNet-101 silhouettes, the object black on white "
+                           "(shape without texture)", {"weights": "FCN_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1",
+                                                       "size": 224, "empty_mask": "below-mean background"})
+PRETRAINED_TEXTURE = SetSpec("texture", "bias", "pretrained", "VGG-19 style transfer (Gatys et al. 2016): the style "
+                             "of the image, the content of an image of another class (cue conflict; the folder is "
+                             "the texture's class, conflicts.csv the shape's)",
+                             {"weights": "VGG19_Weights.IMAGENET1K_V1", "size": 128, "steps": 300,
+                              "style_weight": 1e6, "lr": 0.03})
+
+
+def bias_sets(noise_fraction: float = 1.0, noise_sigma: float = 0.1, segments: int = 64,
+              pretrained: bool = False) -> list[SetSpec]:
+    """The bias sets; `pretrained` makes shape and texture with the study's networks instead of offline."""
+    offline = _offline_bias_sets(noise_fraction, noise_sigma, segments)
+    if not pretrained:
+        return offline
+    return [{"shape": PRETRAINED_SHAPE, "texture": PRETRAINED_TEXTURE}.get(s.name, s) for s in offline]
+
+
+def _offline_bias_sets(noise_fraction: float, noise_sigma: float, segments: int) -> list[SetSpec]:
     return [
         SetSpec("locality", "bias", "offline", "SLIC superpixels flattened to their mean colour",
                 {"n_segments": segments, "compactness": 10.0}),
