@@ -322,6 +322,9 @@ def markdown(results: dict[str, Any]) -> str:
             spread = f" ± {s['std']:.2f}" if s["n"] > 1 else " (one seed)"
             lines.append(f"| {method} | {s['n']} | {s['mean']:.2f}{spread} | {delta} | {verdict} | "
                          f"{s['s_per_epoch']:.0f} | {agree} |")
+        notes = [f"- {r['method']} seed {r['seed']}: {r['note']}" for r in results["rows"]
+                 if r["pair"] == pair and r.get("note")]
+        lines += ["", "Notes on single runs:", *notes] if notes else []
     return "\n".join(lines) + "\n"
 
 
