@@ -112,7 +112,7 @@ def main() -> None:
             if method in SKIP:
                 continue
             result["rows"].append(run(pair, method, args.images, args.data, args.runs))
-            result["runs"][pair]["complete"] = method == study.PAIRS[pair]["methods"][-1]
+            result["runs"][pair]["complete"] = method == list(study.PAIRS[pair]["methods"])[-1]
             study.RESULTS.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, json.dumps(result, indent=2, default=str) + "\n")
             atomic_write_text(study.RESULTS / f"{NAME}.md", markdown(result))
