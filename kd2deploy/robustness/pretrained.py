@@ -85,7 +85,6 @@ class Silhouettes:
     = background)."""
 
     def __init__(self, size: int = 224, model: Any = None):
-        import torch
 
         if model is None:
             from torchvision.models.segmentation import fcn_resnet101
@@ -94,13 +93,13 @@ class Silhouettes:
             model.load_state_dict(_load_state(SHAPE_WEIGHTS))
         self.device = _device()
         self.model, self.size = model.eval().to(self.device), size
-        self.no_grad = torch.no_grad
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
+        import torch
         import torch.nn.functional as F
 
         h, w = images.shape[1:3]
-        with self.no_grad():
+        with torch.no_grad():
             scores = self.model(_normalise(_to_tensor(images, self.size, self.device)))["out"].float()
             scores = F.interpolate(scores, size=(h, w), mode="bilinear", align_corners=False)
             background = scores.softmax(1)[:, 0]
