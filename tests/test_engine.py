@@ -19,8 +19,8 @@ from kd2deploy.checkpoint import STUDENT, load_checkpoint
 from kd2deploy.distill import Distiller, MethodParams, StepOutput, get_method_class, method_names, registry
 from kd2deploy.models import create_model
 from kd2deploy.recipe import load_recipe
+from kd2deploy.student import load_student
 from kd2deploy.train.engine import Trainer, train
-from kd2deploy.train.student import load_student
 
 
 def _state(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -31,15 +31,8 @@ from ..checkpoint import (
 )
 from ..data import resident
 from ..data.checks import SKIPPED_FILE
-from ..data.loaders import (
-    build_datasets,
-    build_mixup,
-    dataset_targets,
-    eval_loader,
-    set_skip_log,
-    skipped_images,
-    train_loader,
-)
+from ..data.folders import set_skip_log, skipped_images
+from ..data.loaders import build_datasets, build_mixup, dataset_targets, eval_loader, train_loader
 from ..distill import Distiller, get_method_class
 from ..distill.base import TrainingData
 from ..distill.teacher_cache import cache_dir, dataset_digest, prepare_teacher_cache
