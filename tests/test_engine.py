@@ -17,10 +17,12 @@ from torch import nn
 
 from kd2deploy.checkpoint import STUDENT, load_checkpoint
 from kd2deploy.distill import Distiller, MethodParams, StepOutput, get_method_class, method_names, registry
+from kd2deploy.errors import UserError
 from kd2deploy.models import create_model
 from kd2deploy.recipe import load_recipe
 from kd2deploy.student import load_student
 from kd2deploy.train.engine import Trainer, train
+from kd2deploy.train.run_lock import run_folder_lock
 
 
 def _state(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -93,6 +95,25 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, on_device):
         torch.testing.assert_close(resumed[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
     assert [r["epoch"] for r in _rows(killed)] == ["1", "2", "3"]
     assert _rows(killed)[-1]["val_top1"] == _rows(reference)[-1]["val_top1"]
+
+
+def test_a_second_trainer_on_a_live_run_folder_stops_with_a_clear_error(tmp_path):
+    run = tmp_path / "run"
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(run, data={"train_subset": 64}, optim={"batch_size": 32}))
+    built_earlier = Trainer(load_recipe(path), console=quiet())
+    with run_folder_lock(run):  # another trainer holds the folder (flock: a second open file conflicts)
+        with pytest.raises(UserError, match=r"run folder .*run is in use by another training run \(pid \d+ on"):
+            Trainer(load_recipe(path), resume="auto", console=quiet())
+        with pytest.raises(UserError, match="in use by another training run"):
+            built_earlier.fit()
+        cli = subprocess.run([sys.executable, "-m", "kd2deploy", "train", str(path), "--resume"],
+                             capture_output=True, text=True)
+        assert cli.returncode == 2 and "in use by another training run" in cli.stderr
+        assert "Traceback" not in cli.stderr
+        assert not (run / "last.pt").exists()
+    assert built_earlier.fit()["epoch"] == 1  # free again once the holder is gone
+    with run_folder_lock(run):  # and the finished run released it
+        assert (run / STUDENT).exists()
 
 
 TINY_RESNET = {"name": "test_resnet"}

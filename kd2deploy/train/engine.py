@@ -42,6 +42,7 @@ from ..models import create_model
 from ..recipe import Recipe, check_files, distill_params, migrate_data_section
 from .acceleration import Acceleration
 from .evaluate import evaluate
+from .run_lock import check_run_folder_free, run_folder_lock
 from .timing import PhaseClock
 
 LAST = "last.pt"
@@ -80,6 +81,8 @@ class Trainer:
         self.console = console or Console(stderr=True)
         self.run_dir = recipe.run_dir
         self.start_epoch, self.global_step, self.history = 0, 0, []
+        if self.env.is_main:
+            check_run_folder_free(self.run_dir)
         resume_state = self._resume_state(resume, overwrite)
         check_files(recipe, recipe_file)
 
@@ -245,9 +248,12 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- loop
     def fit(self) -> dict[str, Any]:
+        with run_folder_lock(self.run_dir) if self.env.is_main else contextlib.nullcontext():
+            return self._fit()
+
+    def _fit(self) -> dict[str, Any]:
         r = self.recipe
         if self.env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "recipe.yaml", yaml.safe_dump(r.resolved(), sort_keys=False))
             self._list_skipped_images()
             self._describe()
