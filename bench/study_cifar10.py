@@ -255,6 +255,7 @@ def run_row(pair: str, method: str, seed: int, data_root: Path, run_root: Path,
     for key in pair_teachers(PAIRS[pair]):  # every row's agreement, the no-teacher rows' too (the baseline)
         teacher_preds.setdefault(key, teacher_predictions(key, raw["data"]))
     student_preds = predictions(run_dir / STUDENT, raw["student"], raw["data"])
+    trained = load_checkpoint(run_dir / STUDENT).get("training", {})
     manifest = load_manifest()
     return {
         "pair": pair, "method": method, "seed": seed, "epochs": len(history),
@@ -270,6 +271,7 @@ def run_row(pair: str, method: str, seed: int, data_root: Path, run_root: Path,
         "wall_s": round(time.perf_counter() - started, 1),
         "busy_cores_at_start": round(busy, 2),
         "machine": {"cpu": cpu_model(), "flags": cpu_flags()},  # s_per_epoch compares only within one machine
+        "precision": trained.get("precision"),  # optim.amp auto: bf16 autocast where the CPU has it, else FP32
     }
 
 
@@ -344,6 +346,13 @@ def markdown(results: dict[str, Any]) -> str:
             agree = f"{statistics.mean(agreement):.1f}" if agreement else ""
             spread = f" ± {s['std']:.2f}" if s["n"] > 1 else " (one seed)"
             lines.append(f"| {method} | {s['n']} | {s['mean']:.2f}{spread} | {delta} | {verdict} | {agree} |")
+        precisions: dict[str, int] = {}
+        for r in results["rows"]:
+            if r["pair"] == pair:
+                key = r.get("precision") or "not recorded (earlier sessions: an AVX-512 BF16 EPYC, so bf16 autocast)"
+                precisions[key] = precisions.get(key, 0) + 1
+        lines += ["", "Training precision (`optim.amp: auto` follows the CPU): "
+                  + "; ".join(f"{k}: {n} runs" for k, n in precisions.items()) + "."]
         notes = [f"- {r['method']} seed {r['seed']}: {r['note']}" for r in results["rows"]
                  if r["pair"] == pair and r.get("note")]
         lines += ["", "Notes on single runs:", *notes] if notes else []

@@ -148,6 +148,8 @@ def test_every_bundled_method_trains_through_the_engine(tmp_path, method, teache
     assert metrics["epoch"] == 1 and metrics["train_images"] == 64
     saved = load_checkpoint(tmp_path / "run" / STUDENT)["state_dict"]  # heads, banks, projectors stay out
     assert set(saved) == set(create_model(student["name"], 10, kwargs=student.get("kwargs")).state_dict())
+    trained = load_checkpoint(tmp_path / "run" / STUDENT)["training"]  # lets runs on two machines be compared
+    assert trained["device"] == "cpu" and trained["precision"] in ("fp32", "bfloat16 autocast")
     bundled = {name for name in method_names() if get_method_class(name).__module__.startswith("kd2deploy.")}
     assert bundled == {"none", "kd", "deit", "capkd", "libkd", "cit", "cskd", "crd", "feature", "sskd",
                        "vlfkd"}  # each one is tested here

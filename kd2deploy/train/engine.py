@@ -429,7 +429,8 @@ class Trainer:
             "model": {"name": s.name, "num_classes": self.info.num_classes, "kwargs": s.kwargs},
             "state_dict": self.distiller.student.state_dict(), "data": self.info.to_dict(),
             "recipe": self.recipe.resolved(), "method": self.recipe.distill.method,
-            "metrics": self.history[-1] if self.history else {}, "history": self.history, **provenance(),
+            "metrics": self.history[-1] if self.history else {}, "history": self.history,
+            "training": self.acceleration.record(), **provenance(),
         }, self.run_dir / STUDENT)
 
 
