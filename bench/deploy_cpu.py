@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 
+from kd2deploy.backends import backend_packages
 from kd2deploy.checkpoint import atomic_write_text, library_versions
 from kd2deploy.deploy.pipeline import export_run
 from kd2deploy.machine import cpu_flags, cpu_model
@@ -169,7 +170,7 @@ def main() -> None:
         summaries.append(summarize(label, kind, rows, trained))
     context = {"command": "python " + " ".join(sys.argv), "cpu": cpu_model(), "cpu_flags": cpu_flags(),
                "cores": os.cpu_count(), "threads": args.threads, "val_224": args.val_224,
-               "versions": library_versions()}
+               "versions": library_versions(backend_packages())}
     RESULTS.mkdir(exist_ok=True)
     atomic_write_text(RESULTS / "deploy_cpu.md", markdown(summaries, all_rows, context))
     atomic_write_text(RESULTS / "deploy_cpu.json",

@@ -7,7 +7,8 @@ five bias values (top-1 on the set / top-1 on the original images), the cue-conf
 corruption top-1, all from `kd2deploy robustness` on sets made once by `kd2deploy robustness make-sets`.
 
 Every evaluation is one JSON row in bench/results/robustness_study.json, written as soon as it is done, so the
-study resumes where it stopped and runs on any machine that has the study's run folders.
+study resumes where it stopped and runs on any machine: the students are the fp16 copies the study commits in
+bench/students/ (or, for a row without one, its run folder when it is on this machine).
 
     python bench/robustness_study.py                    # sets (once), then everything missing, then the tables
     python bench/robustness_study.py --report           # only rewrite the .md from the .json
@@ -41,6 +42,13 @@ def evaluate(key: str, target: Path, sets: Path, record: dict[str, Any], samples
     for row in rows:
         row.update(summarise(row, record, None), key=key)
     return rows
+
+
+def student_of(row: dict[str, Any], runs: Path) -> Path:
+    """A study row's student: its committed fp16 copy, else its run folder."""
+    if row.get("student_file"):
+        return study.ROOT / row["student_file"]
+    return runs / row["pair"] / row["method"] / f"seed{row['seed']}"
 
 
 def best_method(results: dict[str, Any], pair: str) -> str | None:
@@ -111,16 +119,17 @@ def main() -> None:
         for pair, spec in study.PAIRS.items():
             todo += [(f"{pair}/teacher_{k}", study.TEACHERS_DIR / study.load_manifest()[k]["file"])
                      for k in study.pair_teachers(spec)]
-            todo += [(f"{pair}/{r['method']}/seed{r['seed']}", args.runs / pair / r["method"] / f"seed{r['seed']}")
+            todo += [(f"{pair}/{r['method']}/seed{r['seed']}", student_of(r, args.runs))
                      for r in studied["rows"] if r["pair"] == pair]
             best = best_method(studied, pair)
-            if best is not None:
-                run_dir = args.runs / pair / best / "seed0"
-                export = run_dir / "export"
-                if not (export / "manifest.json").exists() and run_dir.exists():
+            seed0 = next((r for r in studied["rows"] if (r["pair"], r["method"], r["seed"]) == (pair, best, 0)), None)
+            if seed0 is not None:
+                export = args.sets.parent / "exports" / f"{pair}_{best}_seed0"
+                if not (export / "manifest.json").exists() and student_of(seed0, args.runs).exists():
                     from kd2deploy.deploy.pipeline import export_run
 
-                    export_run(run_dir, formats=["onnx"], precisions=["fp32", "int8"], console=console)
+                    export_run(student_of(seed0, args.runs), export, formats=["onnx"], precisions=["fp32", "int8"],
+                               console=console)
                 todo.append((f"{pair}/{best} (best) export/seed0", export))
         for key, target in todo:
             if key in done or not target.exists():

@@ -42,11 +42,12 @@ import yaml
 
 from kd2deploy.bench.harness import training_machine
 from kd2deploy.checkpoint import STUDENT, atomic_save, atomic_write_text, load_checkpoint, sha256
-from kd2deploy.machine import busy_cores_elsewhere
+from kd2deploy.machine import busy_cores_elsewhere, cpu_flags, cpu_model
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 TEACHERS_DIR = ROOT / "bench" / "teachers"
+STUDENTS_DIR = ROOT / "bench" / "students"  # every finished run's student, fp16: the robustness study reads them
 MANIFEST = TEACHERS_DIR / "teachers.json"
 RECIPES = ROOT / "recipes"
 STUDY = "study_cifar10"
@@ -135,14 +136,9 @@ def ensure_teacher(key: str, data_root: Path) -> dict[str, Any]:
     run_dir = ROOT / yaml.safe_load(recipe.read_text())["output"]["dir"]  # the recipe's own folder: CLI runs count
     overrides = [f"data.root={data_root}"]
     train(recipe, run_dir, overrides)
-    student = load_checkpoint(run_dir / STUDENT)
-    history = student["history"]
-    student["state_dict"] = {k: v.half() if v.is_floating_point() else v for k, v in student["state_dict"].items()}
-    student["precision"] = "fp16 copy of the run's FP32 student.pt"
-    student.pop("history")
-    TEACHERS_DIR.mkdir(parents=True, exist_ok=True)
     path = TEACHERS_DIR / f"{key}.pt"
-    atomic_save(student, path)
+    student = fp16_copy(run_dir / STUDENT, path)
+    history = student["history"]
     entry = {"file": path.name, "sha256": sha256(path), "bytes": path.stat().st_size, "model": student["model"],
              "recipe": f"recipes/{TEACHERS[key]}",
              "command": f"kd2deploy train recipes/{TEACHERS[key]} {' '.join(overrides)}",
@@ -153,6 +149,18 @@ def ensure_teacher(key: str, data_root: Path) -> dict[str, Any]:
     manifest[key] = entry
     atomic_write_text(MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
     return entry
+
+
+def fp16_copy(student_pt: Path, path: Path) -> dict[str, Any]:
+    """Write an fp16 copy of a run's student.pt (same checkpoint format, without the per-epoch history, which the
+    manifest or the study's row keeps); returns the full checkpoint as read."""
+    student = load_checkpoint(student_pt)
+    copy = {k: v for k, v in student.items() if k != "history"}
+    copy["state_dict"] = {k: v.half() if v.is_floating_point() else v for k, v in student["state_dict"].items()}
+    copy["precision"] = "fp16 copy of the run's FP32 student.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save(copy, path)
+    return student
 
 
 # ------------------------------------------------------------------------------------------------ runs
@@ -205,6 +213,18 @@ def agreement(student_preds: list[int], teacher_preds: dict[str, list[int]], key
                      / len(student_preds), 2) for k in keys}
 
 
+def keep_student(row: dict[str, Any], runs: Path) -> bool:
+    """Copy a finished row's student (fp16) to bench/students/ and record it in the row, when its run folder is
+    on this machine; run folders are not committed, the students are (about 1 MB each)."""
+    student = runs / row["pair"] / row["method"] / f"seed{row['seed']}" / STUDENT
+    if row.get("student_file") or not student.is_file():
+        return False
+    path = STUDENTS_DIR / row["pair"] / row["method"] / f"seed{row['seed']}.pt"
+    fp16_copy(student, path)
+    row["student_file"] = str(path.relative_to(ROOT))
+    return True
+
+
 def backfill_agreement(results: dict[str, Any], data: dict[str, Any], runs: Path,
                        teacher_preds: dict[str, list[int]]) -> None:
     """Agreement with every pair teacher for rows written before it was recorded (the no-teacher rows), from
@@ -235,6 +255,7 @@ def run_row(pair: str, method: str, seed: int, data_root: Path, run_root: Path,
     for key in pair_teachers(PAIRS[pair]):  # every row's agreement, the no-teacher rows' too (the baseline)
         teacher_preds.setdefault(key, teacher_predictions(key, raw["data"]))
     student_preds = predictions(run_dir / STUDENT, raw["student"], raw["data"])
+    trained = load_checkpoint(run_dir / STUDENT).get("training", {})
     manifest = load_manifest()
     return {
         "pair": pair, "method": method, "seed": seed, "epochs": len(history),
@@ -249,6 +270,8 @@ def run_row(pair: str, method: str, seed: int, data_root: Path, run_root: Path,
         "agreement": agreement(student_preds, teacher_preds, pair_teachers(PAIRS[pair])),
         "wall_s": round(time.perf_counter() - started, 1),
         "busy_cores_at_start": round(busy, 2),
+        "machine": {"cpu": cpu_model(), "flags": cpu_flags()},  # s_per_epoch compares only within one machine
+        "precision": trained.get("precision"),  # optim.amp auto: bf16 autocast where the CPU has it, else FP32
     }
 
 
@@ -276,8 +299,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any
     for key, group in groups.items():
         top1 = [r["val_top1"] for r in group]
         out[key] = {"n": len(top1), "mean": statistics.mean(top1),
-                    "std": statistics.stdev(top1) if len(top1) > 1 else float("nan"),
-                    "s_per_epoch": statistics.mean(r["s_per_epoch"] for r in group), "rows": group}
+                    "std": statistics.stdev(top1) if len(top1) > 1 else float("nan"), "rows": group}
     return out
 
 
@@ -291,7 +313,10 @@ def markdown(results: dict[str, Any]) -> str:
              f"Students: {EPOCHS} epochs (none_2x: {2 * EPOCHS}) on a seeded {TRAIN_SUBSET:,}-image subset of the "
              "50,000 training images, top-1 on the 10,000 test images, bf16 autocast where the CPU has it; "
              "each run alone on the machine unless `busy_cores_at_start` in the JSON says otherwise. "
-             "Mean ± std over seeds; Δ is against the pair's no-teacher row of the same student.", ""]
+             "Mean ± std over seeds; Δ is against the pair's no-teacher row of the same student. Seeds ran in "
+             "several sessions, not all on one machine, so the JSON's per-row `s_per_epoch` (with its `machine`) "
+             "is no cost comparison: each method's cost against no teacher, measured in one run, is in "
+             "method_cost.md.", ""]
     manifest = load_manifest()
     lines += ["| teacher | model | test top-1 % | training |", "|---|---|---:|---|"]
     for key, entry in manifest.items():
@@ -304,12 +329,12 @@ def markdown(results: dict[str, Any]) -> str:
                   + ("".join(sorted({f" (`{m}` rows: `{row['student']['name']}` {row['student']['kwargs']})"
                                      for m, row in spec["methods"].items() if "student" in row})))
                   + f"; teachers: {', '.join(teachers)}; optimiser: {spec['optim']}.", "",
-                  "| method | seeds | val top-1 % | Δ vs no teacher | beats it by more than the noise | s / epoch | "
-                  f"top-1 agreement with the {teachers[0]} teacher % |", "|---|---:|---:|---:|---|---:|---:|"]
+                  "| method | seeds | val top-1 % | Δ vs no teacher | beats it by more than the noise | "
+                  f"top-1 agreement with the {teachers[0]} teacher % |", "|---|---:|---:|---:|---|---:|"]
         for method in spec["methods"]:
             s = stats.get((pair, method))
             if s is None:
-                lines.append(f"| {method} | 0 | not run yet | | | | |")
+                lines.append(f"| {method} | 0 | not run yet | | | |")
                 continue
             base = stats.get((pair, BASELINE.get(method, "none")))
             delta, verdict = "", ""
@@ -320,8 +345,14 @@ def markdown(results: dict[str, Any]) -> str:
             agreement = [r["agreement"][teachers[0]] for r in s["rows"] if teachers[0] in r["agreement"]]
             agree = f"{statistics.mean(agreement):.1f}" if agreement else ""
             spread = f" ± {s['std']:.2f}" if s["n"] > 1 else " (one seed)"
-            lines.append(f"| {method} | {s['n']} | {s['mean']:.2f}{spread} | {delta} | {verdict} | "
-                         f"{s['s_per_epoch']:.0f} | {agree} |")
+            lines.append(f"| {method} | {s['n']} | {s['mean']:.2f}{spread} | {delta} | {verdict} | {agree} |")
+        precisions: dict[str, int] = {}
+        for r in results["rows"]:
+            if r["pair"] == pair:
+                key = r.get("precision") or "not recorded (earlier sessions: an AVX-512 BF16 EPYC, so bf16 autocast)"
+                precisions[key] = precisions.get(key, 0) + 1
+        lines += ["", "Training precision (`optim.amp: auto` follows the CPU): "
+                  + "; ".join(f"{k}: {n} runs" for k, n in precisions.items()) + "."]
         notes = [f"- {r['method']} seed {r['seed']}: {r['note']}" for r in results["rows"]
                  if r["pair"] == pair and r.get("note")]
         lines += ["", "Notes on single runs:", *notes] if notes else []
@@ -361,7 +392,7 @@ def report(results: dict[str, Any]) -> None:
 
 
 def commit(message: str) -> None:
-    paths = [RESULTS / f"{STUDY}.{ext}" for ext in ("json", "md", "png")] + [TEACHERS_DIR]
+    paths = [RESULTS / f"{STUDY}.{ext}" for ext in ("json", "md", "png")] + [TEACHERS_DIR, STUDENTS_DIR]
     subprocess.run(["git", "add", *(str(p) for p in paths if p.exists())], cwd=ROOT, check=True)
     subprocess.run(["git", "commit", "-q", "-m", message], cwd=ROOT, check=False)
 
@@ -399,6 +430,8 @@ def main() -> None:
         done = {(r["pair"], r["method"], r["seed"]) for r in results["rows"]}
         teacher_preds: dict[str, list[int]] = {}
         backfill_agreement(results, {**DATA, "root": str(args.data)}, args.runs, teacher_preds)
+        for row in results["rows"]:
+            keep_student(row, args.runs)
         save_results(results)
         for seed in args.seeds:
             for pair in args.pairs:
@@ -412,6 +445,7 @@ def main() -> None:
                     for key in pair_teachers(PAIRS[pair]):
                         ensure_teacher(key, args.data)
                     results["rows"].append(run_row(pair, method, seed, args.data, args.runs, teacher_preds))
+                    keep_student(results["rows"][-1], args.runs)
                     save_results(results)
                     report(results)
                     if args.commit:

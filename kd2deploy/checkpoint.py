@@ -6,6 +6,7 @@ import importlib.metadata
 import os
 import subprocess
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -65,12 +66,11 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def library_versions() -> dict[str, str]:
-    """Installed versions of kd2deploy, its training stack and every backend's runtime (each backend names its)."""
-    from .backends import backend_packages
-
+def library_versions(packages: Iterable[str] = ()) -> dict[str, str]:
+    """Installed versions of kd2deploy, its training stack and `packages` (what deploying adds: every backend's
+    runtime, `backends.backend_packages()`)."""
     versions = {}
-    for dist in ("kd2deploy", "torch", "torchvision", "timm", "onnx", "numpy", *backend_packages()):
+    for dist in ("kd2deploy", "torch", "torchvision", "timm", "onnx", "numpy", *packages):
         try:
             versions[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -92,5 +92,5 @@ def git_commit() -> str | None:
         return None
 
 
-def provenance() -> dict[str, Any]:
-    return {"versions": library_versions(), "git_commit": git_commit()}
+def provenance(packages: Iterable[str] = ()) -> dict[str, Any]:
+    return {"versions": library_versions(packages), "git_commit": git_commit()}

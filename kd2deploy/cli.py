@@ -249,13 +249,16 @@ def data_check(
 
     from .console import print_table
     from .data.checks import check_tree, findings, trees_to_check
-    from .recipe import find_recipe
+    from .data.sources import recipe_folders
+    from .recipe import find_recipe, load_recipe
 
     path = find_recipe(str(target)) if target.suffix in (".yaml", ".yml") else target
+    trees = (recipe_folders(load_recipe(path, check_names=False).data, path) if path.is_file()
+             else trees_to_check(path))
     reports = {}
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=True) as progress:
-        for split, root in trees_to_check(path):
+        for split, root in trees:
             task = progress.add_task(f"decoding {split}", total=None)
             reports[split] = check_tree(root, workers or os.cpu_count() or 1,
                                         lambda done, total, task=task: progress.update(task, completed=done,

@@ -17,10 +17,12 @@ from torch import nn
 
 from kd2deploy.checkpoint import STUDENT, load_checkpoint
 from kd2deploy.distill import Distiller, MethodParams, StepOutput, get_method_class, method_names, registry
+from kd2deploy.errors import UserError
 from kd2deploy.models import create_model
 from kd2deploy.recipe import load_recipe
+from kd2deploy.student import load_student
 from kd2deploy.train.engine import Trainer, train
-from kd2deploy.train.student import load_student
+from kd2deploy.train.run_lock import run_folder_lock
 
 
 def _state(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -95,6 +97,25 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, on_device):
     assert _rows(killed)[-1]["val_top1"] == _rows(reference)[-1]["val_top1"]
 
 
+def test_a_second_trainer_on_a_live_run_folder_stops_with_a_clear_error(tmp_path):
+    run = tmp_path / "run"
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(run, data={"train_subset": 64}, optim={"batch_size": 32}))
+    built_earlier = Trainer(load_recipe(path), console=quiet())
+    with run_folder_lock(run):  # another trainer holds the folder (flock: a second open file conflicts)
+        with pytest.raises(UserError, match=r"run folder .*run is in use by another training run \(pid \d+ on"):
+            Trainer(load_recipe(path), resume="auto", console=quiet())
+        with pytest.raises(UserError, match="in use by another training run"):
+            built_earlier.fit()
+        cli = subprocess.run([sys.executable, "-m", "kd2deploy", "train", str(path), "--resume"],
+                             capture_output=True, text=True)
+        assert cli.returncode == 2 and "in use by another training run" in cli.stderr
+        assert "Traceback" not in cli.stderr
+        assert not (run / "last.pt").exists()
+    assert built_earlier.fit()["epoch"] == 1  # free again once the holder is gone
+    with run_folder_lock(run):  # and the finished run released it
+        assert (run / STUDENT).exists()
+
+
 TINY_RESNET = {"name": "test_resnet"}
 TINY_REDNET = {"name": "rednet26_cifar", "kwargs": {"channels": [8, 8, 16, 16], "stem_width": 8,
                                                      "involution_kernel": 3, "group_channels": 8}}
@@ -127,6 +148,8 @@ def test_every_bundled_method_trains_through_the_engine(tmp_path, method, teache
     assert metrics["epoch"] == 1 and metrics["train_images"] == 64
     saved = load_checkpoint(tmp_path / "run" / STUDENT)["state_dict"]  # heads, banks, projectors stay out
     assert set(saved) == set(create_model(student["name"], 10, kwargs=student.get("kwargs")).state_dict())
+    trained = load_checkpoint(tmp_path / "run" / STUDENT)["training"]  # lets runs on two machines be compared
+    assert trained["device"] == "cpu" and trained["precision"] in ("fp32", "bfloat16 autocast")
     bundled = {name for name in method_names() if get_method_class(name).__module__.startswith("kd2deploy.")}
     assert bundled == {"none", "kd", "deit", "capkd", "libkd", "cit", "cskd", "crd", "feature", "sskd",
                        "vlfkd"}  # each one is tested here

@@ -25,7 +25,7 @@ from kd2deploy.deploy.manifest import MANIFEST
 from kd2deploy.deploy.onnx import export_onnx
 from kd2deploy.deploy.pipeline import ExportVerificationError, export_run
 from kd2deploy.errors import UserError
-from kd2deploy.train.student import load_student
+from kd2deploy.student import load_student
 
 PARITY_SAMPLES = 128
 

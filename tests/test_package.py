@@ -1,8 +1,12 @@
-"""The package as a whole: every module imports on its own in a fresh interpreter (so no import cycle can come
-back), and a regular, non-editable install from a wheel carries its recipes and target profiles and works from any
-folder: `recipes list`, a (shortened) quickstart and `export --target laptop-x86`."""
+"""The package as a whole: its modules import each other without a cycle (deferred imports inside functions
+included, so the layers read recipe -> data -> models -> distill -> train -> deploy/backends -> bench), every module
+imports on its own in a fresh interpreter, and a regular, non-editable install from a wheel carries its recipes
+and target profiles and works from any folder: `recipes list`, a (shortened) quickstart and
+`export --target laptop-x86`."""
 from __future__ import annotations
 
+import ast
+import graphlib
 import json
 import os
 import pkgutil
@@ -16,6 +20,45 @@ import pytest
 import kd2deploy
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def kd2deploy_imports(path: Path, module: str, package: str) -> set[str]:
+    """The kd2deploy modules that a module's source imports anywhere (in functions too), except under
+    `if TYPE_CHECKING:`; importing a submodule counts as importing its parent packages."""
+    found: set[str] = set()
+    stack: list[ast.AST] = [ast.parse(path.read_text())]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            continue
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            target = ".".join(base + ([node.module] if node.module else []))
+            found.add(target)
+            found.update(f"{target}.{alias.name}" for alias in node.names)  # `from . import x` names a module
+        stack.extend(ast.iter_child_nodes(node))
+    parents = {".".join(name.split(".")[:i]) for name in found for i in range(2, name.count(".") + 1)}
+    return {m for m in found | parents if m.startswith("kd2deploy.") and m != module
+            and not module.startswith(m + ".")}
+
+
+def test_the_package_has_no_import_cycle():
+    root = Path(kd2deploy.__file__).parent
+    files = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for module, path in files.items():
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        graph[module] = kd2deploy_imports(path, module, package) & files.keys()
+    assert "kd2deploy.data.sources" in graph["kd2deploy.recipe"]  # the walk sees imports
+    try:
+        graphlib.TopologicalSorter(graph).prepare()
+    except graphlib.CycleError as cycle:
+        pytest.fail(f"import cycle (each imports the next): {' -> '.join(reversed(cycle.args[1]))}")
 
 
 @pytest.mark.slow  # one interpreter per module (about a minute on 2 cores)

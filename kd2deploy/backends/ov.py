@@ -25,6 +25,13 @@ def _images(batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         yield from (batch[i:i + 1] for i in range(len(batch)))
 
 
+def has_attention(model) -> bool:
+    """Whether the graph has attention (OpenVINO's fused ScaledDotProductAttention, or Softmax next to MatMuls):
+    NNCF quantizes those with its transformer preset."""
+    ops = {op.get_type_name() for op in model.get_ops()}
+    return "ScaledDotProductAttention" in ops or {"Softmax", "MatMul"} <= ops
+
+
 def _range_estimator(calib_method: str):
     """NNCF's activation range estimator for a calibration method."""
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
@@ -113,11 +120,9 @@ class OpenVinoBackend(Backend):
     def export(cls, request: ExportRequest) -> list[dict[str, Any]]:
         import openvino as ov
 
-        from ..deploy.onnx import is_transformer  # needs onnx, which running an IR does not
-
         out, records = request.out_dir, []
-        transformer = is_transformer(request.onnx_path)
         converted = ov.convert_model(request.onnx_path)
+        transformer = has_attention(converted)
         for precision in (p for p in cls.precisions if p in request.precisions):
             model = converted.clone()  # each precision transforms its own copy of the one conversion
             details: dict[str, Any] = {"openvino": ov.__version__}

@@ -42,7 +42,7 @@ class PyTorchBackend(Backend):
             raise UserError(f"{path} is a PyTorch checkpoint, but {reason}.")
         import torch
 
-        from ..train.student import load_student
+        from ..student import load_student
 
         return cls(load_student(path)[0], threads, "cuda" if torch.cuda.is_available() else "cpu")
 

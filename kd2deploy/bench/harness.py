@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..backends import get_backend
+from ..backends import backend_packages, get_backend
 from ..backends.base import host_timings
 from ..checkpoint import library_versions
 from ..data.valset import evaluate_runner
@@ -53,7 +53,7 @@ def machine_context(threads: int, iters: int, warmup: int, val_images: int | Non
             "threads": threads, "iters": iters, "warmup": warmup, "duration_s": duration, "val_images": val_images,
             "busy_cores_before": busy_before, "harness_overhead_us": harness_overhead_us(),
             "isolation": "each artifact in a fresh process", "timing": sorted(set(timing)),
-            "versions": library_versions(), "command": invocation(),
+            "versions": library_versions(backend_packages()), "command": invocation(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 

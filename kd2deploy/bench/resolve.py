@@ -26,7 +26,7 @@ from ..deploy.manifest import (
     source_deployable,
 )
 from ..errors import UserError
-from ..train.student import find_student, read_student
+from ..student import find_student, read_student
 
 
 def accepted() -> str:
@@ -69,7 +69,7 @@ def manifest_val_set(manifest: dict[str, Any], folder: Path, samples: int | None
 
 def _complexity(student: Path, input_shape: Sequence[int]) -> dict[str, Any]:
     from ..models import model_complexity
-    from ..train.student import load_student
+    from ..student import load_student
 
     return model_complexity(load_student(student)[0], tuple(input_shape))
 

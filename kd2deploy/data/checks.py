@@ -4,7 +4,7 @@
   parallel processes and reports unreadable or truncated images, files that are not images (`.DS_Store`,
   `Thumbs.db`, notes), images in modes other than RGB (greyscale, CMYK, RGBA, 16-bit, palette: training converts
   them to RGB, so they are listed, not errors), empty class folders, and train/val class sets that differ.
-- **Training** never crashes on one bad file (`loaders.TolerantImageFolder`). Before the first step it reads every
+- **Training** never crashes on one bad file (`folders.TolerantImageFolder`). Before the first step it reads every
   image's header (fast: no decoding) and leaves out the files that cannot be opened; a file that opens but fails to
   decode later (a truncated JPEG) is replaced by the next image of the folder for that step. The run prints one
   warning naming the first few and the count, and lists them in the run folder's `skipped_images.txt`. More than
@@ -146,20 +146,8 @@ def findings(reports: dict[str, TreeReport]) -> tuple[list[str], list[str]]:
 
 
 def trees_to_check(target: Path) -> list[tuple[str, Path]]:
-    """The (split name, tree) pairs a `data check` argument names: a recipe's train and val folders, a folder
-    holding train/ and val/ (or test/), or one ImageFolder tree."""
-    if target.is_file():
-        from ..recipe import load_recipe
-        from .sources import get_dataset
-
-        data = load_recipe(target, check_names=False).data
-        if data.root is None and get_dataset(data.dataset).needs_root:
-            raise UserError(f"{target} sets no data.root, so there is no folder to check. Set it, or give the folder.")
-        folders = get_dataset(data.dataset).folders(data)
-        if not folders:
-            raise UserError(f"{target} reads `{data.dataset}`, which is stored as arrays, not image files; "
-                            "`kd2deploy data check` checks image folders.")
-        return list(folders.items())
+    """The (split name, tree) pairs a `data check` folder names: train/ and val/ (or test/), or one ImageFolder
+    tree. (A recipe names its own: `sources.recipe_folders`.)"""
     splits = [(name, target / name) for name in ("train", "val", "test") if (target / name).is_dir()]
     if splits and splits[0][0] == "train":
         return splits

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -36,7 +36,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.ops import roi_align
 
 from ..errors import UserError
-from ..recipe import DataConfig
+
+if TYPE_CHECKING:
+    from ..recipe import DataConfig
 
 RENDERER = "roi_align"  # recorded in the teacher-output cache key
 

@@ -135,8 +135,20 @@ def get_dataset(name: str) -> type[DatasetSource]:
         raise UserError(f"Unknown dataset `{name}` (data.dataset). Known datasets: {', '.join(_sources)}.") from None
 
 
+def recipe_folders(data: Any, recipe: Path) -> list[tuple[str, Path]]:
+    """The (split name, tree) pairs of a recipe's `data` section that `kd2deploy data check` decodes."""
+    source = get_dataset(data.dataset)
+    if data.root is None and source.needs_root:
+        raise UserError(f"{recipe} sets no data.root, so there is no folder to check. Set it, or give the folder.")
+    folders = source.folders(data)
+    if not folders:
+        raise UserError(f"{recipe} reads `{data.dataset}`, which is stored as arrays, not image files; "
+                        "`kd2deploy data check` checks image folders.")
+    return list(folders.items())
+
+
 def _torch_image_folder(path: Path, field: str, data: Any) -> Any:
-    from .loaders import image_folder
+    from .folders import image_folder
 
     return image_folder(path, field, _get(data, "max_bad_fraction", 0.001))
 
@@ -265,7 +277,7 @@ class ImageFolderSource(DatasetSource):
 
 def readable(folder: ValSet) -> ValSet:
     """The images of a folder that training reads too: without the files whose header cannot be read, which
-    loaders.TolerantImageFolder leaves out (so splits and spread subsets pick the same images)."""
+    folders.TolerantImageFolder leaves out (so splits and spread subsets pick the same images)."""
     from .checks import header_problem
 
     keep = [i for i, path in enumerate(folder.items) if header_problem(str(path)) is None]

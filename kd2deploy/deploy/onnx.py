@@ -88,8 +88,3 @@ def simplify_onnx(path: Path, console: Console) -> str | None:
         return None
     return f"onnxslim {onnxslim.__version__}"
 
-
-def is_transformer(path: Path) -> bool:
-    """Whether the graph has attention (Softmax next to MatMuls): NNCF and quantizers treat those differently."""
-    ops = {node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node}
-    return "Softmax" in ops and "MatMul" in ops

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Column, Table
 from torch import nn
 
-from ..backends import Backend, BackendUnavailable, ExportRequest, backend_for_format, get_backend
+from ..backends import Backend, BackendUnavailable, ExportRequest, backend_for_format, backend_packages, get_backend
 from ..backends.ort import ONNX_FILE
 from ..backends.pytorch import PyTorchBackend
 from ..checkpoint import atomic_write_text, provenance, sha256
@@ -27,7 +27,7 @@ from ..data.loaders import build_datasets, numpy_batches, random_subset, spread_
 from ..data.sources import CHANNELS, DataInfo
 from ..errors import CheckFailed, UserError
 from ..models import model_complexity
-from ..train.student import load_student, student_checkpoint
+from ..student import load_student, student_checkpoint
 from .manifest import MANIFEST, MANIFEST_FORMAT, check_summary, data_config, load_manifest
 from .onnx import export_onnx
 from .profiles import CALIB_METHODS, FORMATS, PRECISIONS, DeviceProfile, host_profile, load_profile
@@ -183,7 +183,7 @@ def build_manifest(source: ExportSource, profile: DeviceProfile, records: list[d
         "recommended": recommended,
         "skipped": skipped,
         "artifacts": records,
-        **provenance(),
+        **provenance(backend_packages()),
     }
 
 

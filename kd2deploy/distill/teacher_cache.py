@@ -27,7 +27,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -44,7 +44,9 @@ from ..data.resident import ResidentImages, crop_padding, normalise, render
 from ..data.sources import DataInfo
 from ..distributed import DistEnv, barrier
 from ..errors import UserError
-from ..recipe import Recipe
+
+if TYPE_CHECKING:
+    from ..recipe import Recipe
 
 FORMAT = 1
 DENSE_LAYOUT = "topk-logits+rest-mean"  # part of the key of dense caches: older layouts held probabilities

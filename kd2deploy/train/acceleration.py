@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..machine import BF16_FLAGS, busy_cores_elsewhere, cpu_flags, usable_cores
+from ..machine import BF16_FLAGS, busy_cores_elsewhere, cpu_flags, cpu_model, usable_cores
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 _KEEP_BYTES = 1 << 30
@@ -126,6 +126,15 @@ class Acceleration:
             policy = os.environ.get("OMP_WAIT_POLICY")
             acc.notes.append(f"OpenMP wait policy: {policy.lower() if policy else 'default (spin, then sleep)'}")
         return acc
+
+    def record(self) -> dict[str, Any]:
+        """What student.pt records of how it was trained: the same recipe trains in bf16 on one CPU and in FP32 on
+        another, so a comparison of runs can tell."""
+        gpu = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
+        return {"device": str(self.device), "cpu": cpu_model(), "gpu": gpu,
+                "precision": "fp32" if self.amp_dtype is None else f"{str(self.amp_dtype).removeprefix('torch.')} "
+                                                                   "autocast",
+                "channels_last": self.channels_last, "compile": self.compile}
 
     def autocast(self) -> torch.autocast | None:
         if self.amp_dtype is None:

@@ -31,15 +31,8 @@ from ..checkpoint import (
 )
 from ..data import resident
 from ..data.checks import SKIPPED_FILE
-from ..data.loaders import (
-    build_datasets,
-    build_mixup,
-    dataset_targets,
-    eval_loader,
-    set_skip_log,
-    skipped_images,
-    train_loader,
-)
+from ..data.folders import set_skip_log, skipped_images
+from ..data.loaders import build_datasets, build_mixup, dataset_targets, eval_loader, train_loader
 from ..distill import Distiller, get_method_class
 from ..distill.base import TrainingData
 from ..distill.teacher_cache import cache_dir, dataset_digest, prepare_teacher_cache
@@ -49,6 +42,7 @@ from ..models import create_model
 from ..recipe import Recipe, check_files, distill_params, migrate_data_section
 from .acceleration import Acceleration
 from .evaluate import evaluate
+from .run_lock import check_run_folder_free, run_folder_lock
 from .timing import PhaseClock
 
 LAST = "last.pt"
@@ -87,6 +81,8 @@ class Trainer:
         self.console = console or Console(stderr=True)
         self.run_dir = recipe.run_dir
         self.start_epoch, self.global_step, self.history = 0, 0, []
+        if self.env.is_main:
+            check_run_folder_free(self.run_dir)
         resume_state = self._resume_state(resume, overwrite)
         check_files(recipe, recipe_file)
 
@@ -252,9 +248,12 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- loop
     def fit(self) -> dict[str, Any]:
+        with run_folder_lock(self.run_dir) if self.env.is_main else contextlib.nullcontext():
+            return self._fit()
+
+    def _fit(self) -> dict[str, Any]:
         r = self.recipe
         if self.env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "recipe.yaml", yaml.safe_dump(r.resolved(), sort_keys=False))
             self._list_skipped_images()
             self._describe()
@@ -430,7 +429,8 @@ class Trainer:
             "model": {"name": s.name, "num_classes": self.info.num_classes, "kwargs": s.kwargs},
             "state_dict": self.distiller.student.state_dict(), "data": self.info.to_dict(),
             "recipe": self.recipe.resolved(), "method": self.recipe.distill.method,
-            "metrics": self.history[-1] if self.history else {}, "history": self.history, **provenance(),
+            "metrics": self.history[-1] if self.history else {}, "history": self.history,
+            "training": self.acceleration.record(), **provenance(),
         }, self.run_dir / STUDENT)
 
 

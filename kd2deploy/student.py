@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import STUDENT, STUDENT_FORMAT, load_checkpoint
-from ..errors import UserError
+from .checkpoint import STUDENT, STUDENT_FORMAT, load_checkpoint
+from .errors import UserError
 
 
 def find_student(path: Path) -> Path | None:
@@ -43,7 +43,7 @@ def read_student(path: Path) -> dict[str, Any]:
 
 def load_student(path: Path) -> tuple[Any, dict[str, Any]]:
     """Rebuild a student from student.pt (or a run folder holding one); returns (model in eval mode, checkpoint)."""
-    from ..models import create_model
+    from .models import create_model
 
     checkpoint = read_student(path)
     spec = checkpoint["model"]
