@@ -239,16 +239,22 @@ def backfill_agreement(results: dict[str, Any], data: dict[str, Any], runs: Path
         row["agreement"] = agreement(predictions(student, row["student"], data), teacher_preds, keys)
 
 
-def run_row(pair: str, method: str, seed: int, data_root: Path, run_root: Path,
-            teacher_preds: dict[str, list[int]]) -> dict[str, Any]:
-    run_dir = run_root / pair / method / f"seed{seed}"
+def train_student(pair: str, method: str, seed: int, data_root: Path, run_dir: Path) -> dict[str, Any]:
+    """Write a row's recipe into its run folder and train it there (resuming); returns the recipe."""
     raw = student_recipe(pair, method, seed, data_root, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     recipe = run_dir / "study_recipe.yaml"
     atomic_write_text(recipe, yaml.safe_dump(raw, sort_keys=False))
+    train(recipe, run_dir, [])
+    return raw
+
+
+def run_row(pair: str, method: str, seed: int, data_root: Path, run_root: Path,
+            teacher_preds: dict[str, list[int]]) -> dict[str, Any]:
+    run_dir = run_root / pair / method / f"seed{seed}"
     busy = busy_cores_elsewhere()
     started = time.perf_counter()
-    train(recipe, run_dir, [])
+    raw = train_student(pair, method, seed, data_root, run_dir)
     with open(run_dir / "metrics.csv") as f:
         history = list(csv.DictReader(f))
     keys = PAIRS[pair]["methods"][method].get("teachers", [])
