@@ -8,9 +8,12 @@ corruption top-1, all from `kd2deploy robustness` on sets made once by `kd2deplo
 
 Every evaluation is one JSON row in bench/results/robustness_study.json, written as soon as it is done, so the
 study resumes where it stopped and runs on any machine: the students are the fp16 copies the study commits in
-bench/students/ (or, for a row without one, its run folder when it is on this machine).
+bench/students/ (or, for a row without one, its run folder when it is on this machine). Rows whose student was
+never kept (they trained on another machine before the study kept students) are left out, or, with
+--retrain-missing PAIR, trained again with the same recipe and seed and marked `retrained` in the table.
 
     python bench/robustness_study.py                    # sets (once), then everything missing, then the tables
+    python bench/robustness_study.py --retrain-missing vit_to_cnn   # also retrain that pair's missing students
     python bench/robustness_study.py --report           # only rewrite the .md from the .json
 """
 from __future__ import annotations
@@ -51,8 +54,18 @@ def student_of(row: dict[str, Any], runs: Path) -> Path:
     return runs / row["pair"] / row["method"] / f"seed{row['seed']}"
 
 
+def retrained_student(row: dict[str, Any], data_root: Path, root: Path) -> Path:
+    """A study row's student trained again with the row's recipe and seed, for rows whose student was not kept
+    (rows from before the study kept them, trained on another machine). Its top-1 differs from the study row's by
+    run-to-run noise (thread scheduling, BF16 on one machine and FP32 on another), so its rows say `retrained`."""
+    run_dir = root / row["pair"] / row["method"] / f"seed{row['seed']}"
+    if not (run_dir / study.STUDENT).is_file():
+        study.train_student(row["pair"], row["method"], row["seed"], data_root, run_dir)
+    return run_dir
+
+
 def best_method(results: dict[str, Any], pair: str) -> str | None:
-    """The distilled method with the highest mean top-1 in the study (its seed-0 run is exported)."""
+    """The distilled method with the highest mean top-1 in the study (one of its students is exported)."""
     stats = study.summarise(results["rows"])
     candidates = [(s["mean"], m) for (p, m), s in stats.items() if p == pair and not m.startswith("none")]
     return max(candidates)[1] if candidates else None
@@ -83,6 +96,8 @@ def markdown(result: dict[str, Any], record: dict[str, Any]) -> str:
             cells += [_stat([r["bias"][b] for r in group], 3) for b in BIAS]
             cells += [_stat([r.get("shape_bias") for r in group], 3), _stat([r["mean_corruption_top1"]
                                                                               for r in group], 2)]
+            retrained = sum(r["key"].endswith(" retrained") for r in group)
+            name += f" ({retrained} retrained)" if retrained else ""
             lines.append(f"| {name} | {len(group)} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines) + "\n"
@@ -103,6 +118,9 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=Path("runs/study"), help="the study's run folders")
     parser.add_argument("--sets", type=Path, default=Path("runs/robustness/sets"))
     parser.add_argument("--val-samples", type=int, default=None, help="images per set (default: all)")
+    parser.add_argument("--retrain-missing", nargs="+", choices=list(study.PAIRS), metavar="PAIR",
+                        help="retrain (same recipe and seed) the students of these pairs' study rows that were not "
+                             "kept, instead of leaving those rows out")
     parser.add_argument("--report", action="store_true", help="only rewrite the table from the JSON")
     args = parser.parse_args()
     console = Console(stderr=True)
@@ -116,21 +134,29 @@ def main() -> None:
         done = {r["key"] for r in result["rows"]}
         studied = study.load_results()
         todo: list[tuple[str, Path]] = []
+        retrained_root = args.sets.parent / "retrained"
         for pair, spec in study.PAIRS.items():
             todo += [(f"{pair}/teacher_{k}", study.TEACHERS_DIR / study.load_manifest()[k]["file"])
                      for k in study.pair_teachers(spec)]
-            todo += [(f"{pair}/{r['method']}/seed{r['seed']}", student_of(r, args.runs))
-                     for r in studied["rows"] if r["pair"] == pair]
+            for r in studied["rows"]:
+                key, target = f"{pair}/{r['method']}/seed{r['seed']}", student_of(r, args.runs)
+                if r["pair"] != pair or key in done or f"{key} retrained" in done:
+                    continue
+                if not target.exists() and pair in (args.retrain_missing or []):
+                    key, target = key + " retrained", retrained_student(r, args.data, retrained_root)
+                todo.append((key, target))
             best = best_method(studied, pair)
-            seed0 = next((r for r in studied["rows"] if (r["pair"], r["method"], r["seed"]) == (pair, best, 0)), None)
-            if seed0 is not None:
-                export = args.sets.parent / "exports" / f"{pair}_{best}_seed0"
-                if not (export / "manifest.json").exists() and student_of(seed0, args.runs).exists():
+            kept = sorted((r for r in studied["rows"] if (r["pair"], r["method"]) == (pair, best)
+                           and student_of(r, args.runs).exists()), key=lambda r: r["seed"])
+            if kept:  # the best method's lowest seed whose student is here, as FP32 and INT8 ONNX
+                name = f"{best}_seed{kept[0]['seed']}"
+                export = args.sets.parent / "exports" / f"{pair}_{name}"
+                if not (export / "manifest.json").exists():
                     from kd2deploy.deploy.pipeline import export_run
 
-                    export_run(student_of(seed0, args.runs), export, formats=["onnx"], precisions=["fp32", "int8"],
-                               console=console)
-                todo.append((f"{pair}/{best} (best) export/seed0", export))
+                    export_run(student_of(kept[0], args.runs), export, formats=["onnx"],
+                               precisions=["fp32", "int8"], console=console)
+                todo.append((f"{pair}/{best} (best) export/{name}", export))
         for key, target in todo:
             if key in done or not target.exists():
                 continue

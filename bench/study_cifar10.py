@@ -3,8 +3,8 @@
 Two pairs, every row of a pair with the same student, data, augmentation, optimiser, schedule, epochs and seeds;
 the teacher (and the method using it) is the only difference:
 - `vit_to_cnn` (transformer -> CNN): the convolutional-stem ViT teacher -> a quarter-width ResNet-10-T;
-  none, none at twice the epochs, KD, CAP-KD (and a diagnostic variant with its projection losses at 0.1), CRD,
-  feature (FitNet), SSKD.
+  none, none at twice the epochs, KD, CAP-KD (and two diagnostic variants: its projection losses at 0.1, and
+  without the multi-view generator's views), CRD, feature (FitNet), SSKD.
 - `cnn_to_vit` (CNN + involution -> tiny ViT): the ResNet-9 teacher (and the RedNet-26 involution teacher) ->
   the ViT-nano with a distillation token; none, none at twice the epochs, DeiT (hard), LIB-KD, CSKD, CRD, VLFKD. CiT
   needs its own student (conv and inv tokens, co-advise stems), so it has its own no-teacher row (`none_cit`).
@@ -90,6 +90,9 @@ PAIRS: dict[str, dict[str, Any]] = {
             # diagnostic, not the paper's setting: do the projection losses crowd out the small student's CE?
             "capkd_proj0.1": {"teachers": ["vit"], "distill": {"method": "capkd", "proj1_weight": 0.1,
                                                                "proj2_weight": 0.1}},
+            # diagnostic: the multi-view generator feeds half the student's batches cropped, rotated, jittered,
+            # noised and 25%-masked (its CE too); does that extra augmentation cost a 15-epoch student?
+            "capkd_noviews": {"teachers": ["vit"], "distill": {"method": "capkd", "mvg_prob": 0.0}},
             "crd": {"teachers": ["vit"], "distill": recipe_distill("crd_vit_to_cnn.yaml")},
             "feature": {"teachers": ["vit"], "distill": recipe_distill("feature_vit_to_cnn.yaml")},
             "sskd": {"teachers": ["vit"], "distill": recipe_distill("sskd_vit_to_cnn.yaml")},
@@ -239,16 +242,22 @@ def backfill_agreement(results: dict[str, Any], data: dict[str, Any], runs: Path
         row["agreement"] = agreement(predictions(student, row["student"], data), teacher_preds, keys)
 
 
-def run_row(pair: str, method: str, seed: int, data_root: Path, run_root: Path,
-            teacher_preds: dict[str, list[int]]) -> dict[str, Any]:
-    run_dir = run_root / pair / method / f"seed{seed}"
+def train_student(pair: str, method: str, seed: int, data_root: Path, run_dir: Path) -> dict[str, Any]:
+    """Write a row's recipe into its run folder and train it there (resuming); returns the recipe."""
     raw = student_recipe(pair, method, seed, data_root, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     recipe = run_dir / "study_recipe.yaml"
     atomic_write_text(recipe, yaml.safe_dump(raw, sort_keys=False))
+    train(recipe, run_dir, [])
+    return raw
+
+
+def run_row(pair: str, method: str, seed: int, data_root: Path, run_root: Path,
+            teacher_preds: dict[str, list[int]]) -> dict[str, Any]:
+    run_dir = run_root / pair / method / f"seed{seed}"
     busy = busy_cores_elsewhere()
     started = time.perf_counter()
-    train(recipe, run_dir, [])
+    raw = train_student(pair, method, seed, data_root, run_dir)
     with open(run_dir / "metrics.csv") as f:
         history = list(csv.DictReader(f))
     keys = PAIRS[pair]["methods"][method].get("teachers", [])
