@@ -125,6 +125,10 @@ def main() -> None:
     args = parser.parse_args()
     console = Console(stderr=True)
     path = study.RESULTS / f"{NAME}.json"
+    if args.report and not path.exists():
+        print(f"{path} does not exist yet: run `python bench/robustness_study.py` first (--report only rewrites "
+              "the table from it).", file=sys.stderr)
+        sys.exit(2)
     result = json.loads(path.read_text()) if path.exists() else {"rows": []}
     if not (args.sets / SETS_FILE).exists():
         make_sets(args.data / "test", args.sets, seed=0, console=console)
