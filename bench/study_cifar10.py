@@ -3,8 +3,8 @@
 Two pairs, every row of a pair with the same student, data, augmentation, optimiser, schedule, epochs and seeds;
 the teacher (and the method using it) is the only difference:
 - `vit_to_cnn` (transformer -> CNN): the convolutional-stem ViT teacher -> a quarter-width ResNet-10-T;
-  none, none at twice the epochs, KD, CAP-KD (and two diagnostic variants: its projection losses at 0.1, and
-  without the multi-view generator's views), CRD, feature (FitNet), SSKD.
+  none, none at twice the epochs, KD, CAP-KD (and three variants: its projection losses at 0.1, without the
+  multi-view generator's views, and with the views feeding only L_MVG), CRD, feature (FitNet), SSKD.
 - `cnn_to_vit` (CNN + involution -> tiny ViT): the ResNet-9 teacher (and the RedNet-26 involution teacher) ->
   the ViT-nano with a distillation token; none, none at twice the epochs, DeiT (hard), LIB-KD, CSKD, CRD, VLFKD. CiT
   needs its own student (conv and inv tokens, co-advise stems), so it has its own no-teacher row (`none_cit`).
@@ -93,6 +93,8 @@ PAIRS: dict[str, dict[str, Any]] = {
             # diagnostic: the multi-view generator feeds half the student's batches cropped, rotated, jittered,
             # noised and 25%-masked (its CE too); does that extra augmentation cost a 15-epoch student?
             "capkd_noviews": {"teachers": ["vit"], "distill": {"method": "capkd", "mvg_prob": 0.0}},
+            # our option: the views feed only L_MVG; the CE and the projection losses see the clean batch
+            "capkd_views_mvg": {"teachers": ["vit"], "distill": {"method": "capkd", "views_feed": "mvg"}},
             "crd": {"teachers": ["vit"], "distill": recipe_distill("crd_vit_to_cnn.yaml")},
             "feature": {"teachers": ["vit"], "distill": recipe_distill("feature_vit_to_cnn.yaml")},
             "sskd": {"teachers": ["vit"], "distill": recipe_distill("sskd_vit_to_cnn.yaml")},

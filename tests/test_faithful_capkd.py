@@ -248,6 +248,26 @@ def test_photometric_views_perturb_the_student_only():
     assert (seen["student"] - images).abs().amax() > 0.1
 
 
+def test_views_feed_mvg_keeps_the_views_out_of_the_ce_and_projection_losses():
+    distiller = build(VIT4, MICRO_CNN, views_feed="mvg", gl_dropout=0.0, **GEOMETRIC_ONLY)
+    student_inputs, seen = [], _record_inputs(distiller)
+    distiller.student.register_forward_pre_hook(lambda _m, args: student_inputs.append(args[0].detach().clone()))
+    images, targets = torch.randn(3, 3, 32, 32), torch.tensor([1, 2, 3])
+    out = distiller(images, targets)
+    clean, view = student_inputs
+    assert torch.equal(clean, images) and torch.equal(seen["teacher"], images)  # CE, L_proj: the clean batch
+    assert not torch.allclose(view, images)  # a second forward of the moved view...
+    with torch.no_grad():
+        expected_ce = distiller.classification_loss(distiller.student(images), targets)
+        distiller.student(view)
+        h_view = distiller.gl(distiller.student_hooks.features["h_s"])  # layer3 is already on the 8x8 grid
+        expected_mvg = generator_loss(distiller.discriminator(h_view), "minimax")
+    torch.testing.assert_close(out.terms["ce"], expected_ce)
+    torch.testing.assert_close(out.terms["mvg"], expected_mvg)  # ...feeds L_MVG
+    torch.testing.assert_close(distiller._pair[1], h_view)  # and the discriminator's fake tokens
+    assert CAPKDParams().views_feed == "all"  # Alg. 1 is the default
+
+
 @pytest.mark.parametrize("noise_std", [0.02, 0.05])
 def test_noise_transform_adds_gaussian_pixel_noise_of_the_stated_std(noise_std):
     params = CAPKDParams(mvg_prob=1.0, color_jitter=0.0, rotation=0.0, crop_scale=(1.0, 1.0), mask_ratio=0.0,

@@ -22,6 +22,10 @@ Stated choices where the paper is silent:
   and rotation, drawn once per image, are applied to the teacher's input as well, and the position-wise
   projection losses compare aligned tokens. Colour jitter, Gaussian pixel noise and patch masking move no pixels
   and stay student-only: they are the perturbations the student must be robust to. The noise std is ours;
+- which losses see the views: the paper does not say whether the CE does. By default (`views_feed: all`) the
+  views replace their images for every student loss. `views_feed: mvg` keeps the CE and the projection losses
+  (and the teacher) on the clean batch, and a second student forward of the views feeds only L_MVG (Eq. 9) and
+  the discriminator; the README's study shows what the views cost a short-budget student's CE;
 - generator loss (Eq. 9): the paper's minimax form log(1 − D(h′_S)) by default; `generator_loss:
   non_saturating` uses −log D(h′_S) (Goodfellow et al. 2014), whose gradient does not vanish while the
   discriminator confidently rejects h′_S;
@@ -60,6 +64,10 @@ class CAPKDParams(MethodParams):
     gl_dropout: float = Field(0.1, ge=0, lt=1, description="dropout before the GL projector's FCs")
     mvg_prob: float = Field(0.5, ge=0, le=1, description="chance the multi-view generator transforms a student "
                             "input (Eq. 7)")
+    views_feed: Literal["all", "mvg"] = Field(
+        "all", description="which losses see the multi-view generator's views: all (the CE and the "
+                           "projection losses too) or mvg (only L_MVG; the CE and projection losses see the clean "
+                           "batch, at the cost of a second student forward)")
     color_jitter: float = Field(0.4, ge=0, lt=1, description="brightness/contrast/saturation factors in 1 ± this")
     noise_std: float = Field(0.05, ge=0, description="std of the Gaussian noise added to a view's pixels "
                              "(in [0, 1] pixel units, before normalisation)")
@@ -352,7 +360,10 @@ class CrossArchitectureKD(Distiller):
         if not self._input_checked:
             self._check_student_input(images.shape[-1])
         teacher_images = align_to_grid(images, (self.teacher_size, self.teacher_size))  # same resize rule
-        if self.training:  # Eq. 7; the teacher's input gets the same crop and rotation, so tokens stay aligned
+        view_images = None
+        if self.training and p.views_feed == "mvg" and p.mvg_prob > 0 and p.mvg_weight > 0:
+            view_images = self.views(images)[0]  # for L_MVG only; everything else sees the clean batch
+        elif self.training:  # Eq. 7; the teacher's input gets the same crop and rotation, so tokens stay aligned
             images, teacher_images = self.views(images, teacher_images)
         with torch.no_grad():
             teacher_logits = self.teacher_output(0, teacher_images)["logits"]  # online: the taps need this forward
@@ -369,8 +380,12 @@ class CrossArchitectureKD(Distiller):
         # Eq. 6: L_proj2 = ‖h_T − h′_S‖²
         h_s_proj = self.gl(h_s)
         proj2 = F.mse_loss(h_s_proj, h_t)
-        # Eq. 9: the student makes the discriminator take h′_S for a teacher feature
-        mvg = generator_loss(self.discriminator(h_s_proj), p.generator_loss)
+        fake = h_s_proj
+        if view_images is not None:
+            self.student(view_images)
+            fake = self.gl(align_to_grid(self.student_hooks.features["h_s"], self.grid))
+        # Eq. 9: the student makes the discriminator take h′_S (of its views) for a teacher feature
+        mvg = generator_loss(self.discriminator(fake), p.generator_loss)
         ce = self.classification_loss(logits, targets)
 
         loss = ce + p.proj1_weight * proj1 + p.proj2_weight * proj2 + p.mvg_weight * mvg
@@ -379,7 +394,7 @@ class CrossArchitectureKD(Distiller):
             kd = kl_divergence(logits, teacher_logits, p.kd_temperature)
             loss = loss + p.kd_weight * kd
             terms["kd"] = kd.detach()
-        self._pair = (h_t.detach().float(), h_s_proj.detach().float())
+        self._pair = (h_t.detach().float(), fake.detach().float())
         return StepOutput(loss, logits, terms)
 
     def on_step_end(self, step: int, output: StepOutput) -> dict[str, float]:
