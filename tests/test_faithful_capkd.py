@@ -265,7 +265,20 @@ def test_views_feed_mvg_keeps_the_views_out_of_the_ce_and_projection_losses():
     torch.testing.assert_close(out.terms["ce"], expected_ce)
     torch.testing.assert_close(out.terms["mvg"], expected_mvg)  # ...feeds L_MVG
     torch.testing.assert_close(distiller._pair[1], h_view)  # and the discriminator's fake tokens
-    assert CAPKDParams().views_feed == "all"  # Alg. 1 is the default
+    assert CAPKDParams().views_feed == "all"
+
+
+def test_views_feed_mvg_leaves_the_running_statistics_to_the_clean_batch():
+    params = {"views_feed": "mvg", **GEOMETRIC_ONLY}
+    distiller, clean_only = build(VIT4, MICRO_CNN, **params), build(VIT4, MICRO_CNN, **params)
+    images = torch.randn(3, 3, 32, 32) * 2 + 1
+    distiller(images, torch.tensor([1, 2, 3]))
+    clean_only.student(images)  # the same student after one clean training forward, and nothing else
+    buffers = dict(clean_only.student.named_buffers())
+    norms = [(name, b) for name, b in distiller.student.named_buffers() if name.endswith(("running_mean",
+                                                                                          "running_var", "tracked"))]
+    assert len(norms) > 10 and all(torch.equal(b, buffers[name]) for name, b in norms)
+    assert all(m.momentum == 0.1 for m in distiller.student.modules() if isinstance(m, torch.nn.BatchNorm2d))
 
 
 @pytest.mark.parametrize("noise_std", [0.02, 0.05])

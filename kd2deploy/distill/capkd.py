@@ -25,7 +25,8 @@ Stated choices where the paper is silent:
 - which losses see the views: the paper does not say whether the CE does. By default (`views_feed: all`) the
   views replace their images for every student loss. `views_feed: mvg` keeps the CE and the projection losses
   (and the teacher) on the clean batch, and a second student forward of the views feeds only L_MVG (Eq. 9) and
-  the discriminator; the README's study shows what the views cost a short-budget student's CE;
+  the discriminator, leaving the BatchNorm running statistics (what eval mode normalises with) to the clean
+  batches; the README's study shows what the views cost a short-budget student;
 - generator loss (Eq. 9): the paper's minimax form log(1 − D(h′_S)) by default; `generator_loss:
   non_saturating` uses −log D(h′_S) (Goodfellow et al. 2014), whose gradient does not vanish while the
   discriminator confidently rejects h′_S;
@@ -35,6 +36,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
@@ -261,6 +264,22 @@ def generator_loss(fake_scores: Tensor, kind: str) -> Tensor:
     return F.softplus(-fake_scores).mean()
 
 
+@contextmanager
+def running_statistics_frozen(model: nn.Module) -> Iterator[None]:
+    """Inside, BatchNorm layers still normalise with the batch's statistics but leave their running statistics
+    (and batch count) as they were: momentum 0 keeps running = (1 − 0)·running."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(norms, saved, strict=True):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(count)
+
+
 def pick_student_layer(feature_info: list[dict[str, Any]], target_reduction: float) -> str:
     """The feature_info module whose reduction is nearest `target_reduction` in log scale; ties go to the deeper
     stage (more semantic, and the projectors then see the smaller map)."""
@@ -382,7 +401,8 @@ class CrossArchitectureKD(Distiller):
         proj2 = F.mse_loss(h_s_proj, h_t)
         fake = h_s_proj
         if view_images is not None:
-            self.student(view_images)
+            with running_statistics_frozen(self.student):  # eval mode normalises with the clean batches' statistics
+                self.student(view_images)
             fake = self.gl(align_to_grid(self.student_hooks.features["h_s"], self.grid))
         # Eq. 9: the student makes the discriminator take h′_S (of its views) for a teacher feature
         mvg = generator_loss(self.discriminator(fake), p.generator_loss)
