@@ -309,10 +309,10 @@ def recipes_show(
     """Print the recipe with every default filled in (what a run records)."""
     import yaml
 
-    from .recipe import find_recipe, load_recipe
+    from .recipe import find_recipe, load_recipe, resolved_recipe
 
     loaded = load_recipe(find_recipe(str(recipe)), overrides or [])
-    sys.stdout.write(yaml.safe_dump(loaded.resolved(), sort_keys=False))
+    sys.stdout.write(yaml.safe_dump(resolved_recipe(loaded), sort_keys=False))
 
 
 @recipes_app.command("validate")

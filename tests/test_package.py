@@ -1,7 +1,7 @@
-"""The package as a whole: its modules import each other without a cycle (deferred imports inside functions
-included, so the layers read recipe -> data -> models -> distill -> train -> deploy/backends -> bench), every module
-imports on its own in a fresh interpreter, and a regular, non-editable install from a wheel carries its recipes
-and target profiles and works from any folder: `recipes list`, a (shortened) quickstart and
+"""The package as a whole: its modules import each other without a cycle (deferred imports inside functions and
+type-only imports included, so the layers read recipe -> data -> models -> distill -> train -> deploy/backends ->
+bench), every module imports on its own in a fresh interpreter, and a regular, non-editable install from a wheel
+carries its recipes and target profiles and works from any folder: `recipes list`, a (shortened) quickstart and
 `export --target laptop-x86`."""
 from __future__ import annotations
 
@@ -23,14 +23,12 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def kd2deploy_imports(path: Path, module: str, package: str) -> set[str]:
-    """The kd2deploy modules that a module's source imports anywhere (in functions too), except under
-    `if TYPE_CHECKING:`; importing a submodule counts as importing its parent packages."""
+    """The kd2deploy modules that a module's source imports anywhere (in functions and under `if TYPE_CHECKING:`
+    too); importing a submodule counts as importing its parent packages."""
     found: set[str] = set()
     stack: list[ast.AST] = [ast.parse(path.read_text())]
     while stack:
         node = stack.pop()
-        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
-            continue
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):

@@ -18,7 +18,7 @@ from .sources import DataInfo, default_stats, get_dataset
 from .valset import spread_indices
 
 if TYPE_CHECKING:
-    from ..recipe import DataConfig
+    from ..recipe_schema import DataConfig
 
 
 class SampleDataset(Dataset):

@@ -38,7 +38,7 @@ from torchvision.ops import roi_align
 from ..errors import UserError
 
 if TYPE_CHECKING:
-    from ..recipe import DataConfig
+    from ..recipe_schema import DataConfig
 
 RENDERER = "roi_align"  # recorded in the teacher-output cache key
 

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from ..backends import Backend, get_backend
 from ..checkpoint import sha256
 from ..errors import UserError, validation_problems
-from ..recipe import DataConfig, migrate_data_section
+from ..recipe_schema import DataConfig, migrate_data_section
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "kd2deploy.manifest/1"

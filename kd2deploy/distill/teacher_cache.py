@@ -46,7 +46,7 @@ from ..distributed import DistEnv, barrier
 from ..errors import UserError
 
 if TYPE_CHECKING:
-    from ..recipe import Recipe
+    from ..recipe_schema import Recipe
 
 FORMAT = 1
 DENSE_LAYOUT = "topk-logits+rest-mean"  # part of the key of dense caches: older layouts held probabilities

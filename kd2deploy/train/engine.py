@@ -39,7 +39,7 @@ from ..distill.teacher_cache import cache_dir, dataset_digest, prepare_teacher_c
 from ..distributed import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown
 from ..errors import UserError
 from ..models import create_model
-from ..recipe import Recipe, check_files, distill_params, migrate_data_section
+from ..recipe import Recipe, check_files, distill_params, migrate_data_section, resolved_recipe
 from .acceleration import Acceleration
 from .evaluate import evaluate
 from .run_lock import check_run_folder_free, run_folder_lock
@@ -216,7 +216,7 @@ class Trainer:
             if isinstance(d, dict):
                 return {k: v for key, val in d.items() for k, v in flat(val, f"{prefix}{key}.").items()}
             return {prefix[:-1]: d}
-        now, before = flat(self.recipe.resolved()), flat(saved)
+        now, before = flat(resolved_recipe(self.recipe)), flat(saved)
         changed = sorted(k for k in now.keys() | before.keys() if now.get(k) != before.get(k))
         if changed and self.env.is_main:
             self.console.print(f"[yellow]Resuming with a changed recipe: {', '.join(changed)}[/yellow]")
@@ -254,7 +254,7 @@ class Trainer:
     def _fit(self) -> dict[str, Any]:
         r = self.recipe
         if self.env.is_main:
-            atomic_write_text(self.run_dir / "recipe.yaml", yaml.safe_dump(r.resolved(), sort_keys=False))
+            atomic_write_text(self.run_dir / "recipe.yaml", yaml.safe_dump(resolved_recipe(r), sort_keys=False))
             self._list_skipped_images()
             self._describe()
         writer = self._tensorboard()
@@ -416,7 +416,7 @@ class Trainer:
     def _save_run_checkpoint(self, epochs_done: int) -> None:
         atomic_save({
             "format": RUN_FORMAT, "epoch": epochs_done, "global_step": self.global_step,
-            "recipe": self.recipe.resolved(), "data": self.info.to_dict(), "history": self.history,
+            "recipe": resolved_recipe(self.recipe), "data": self.info.to_dict(), "history": self.history,
             "distiller": self.distiller.training_state(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), **provenance(),
         }, self.run_dir / LAST)
@@ -428,7 +428,7 @@ class Trainer:
             "format": STUDENT_FORMAT,
             "model": {"name": s.name, "num_classes": self.info.num_classes, "kwargs": s.kwargs},
             "state_dict": self.distiller.student.state_dict(), "data": self.info.to_dict(),
-            "recipe": self.recipe.resolved(), "method": self.recipe.distill.method,
+            "recipe": resolved_recipe(self.recipe), "method": self.recipe.distill.method,
             "metrics": self.history[-1] if self.history else {}, "history": self.history,
             "training": self.acceleration.record(), **provenance(),
         }, self.run_dir / STUDENT)
