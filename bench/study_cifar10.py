@@ -6,8 +6,9 @@ the teacher (and the method using it) is the only difference:
   none, none at twice the epochs, KD, CAP-KD (and three variants: its projection losses at 0.1, without the
   multi-view generator's views, and with the views feeding only L_MVG), CRD, feature (FitNet), SSKD.
 - `cnn_to_vit` (CNN + involution -> tiny ViT): the ResNet-9 teacher (and the RedNet-26 involution teacher) ->
-  the ViT-nano with a distillation token; none, none at twice the epochs, DeiT (hard), LIB-KD, CSKD, CRD, VLFKD. CiT
-  needs its own student (conv and inv tokens, co-advise stems), so it has its own no-teacher row (`none_cit`).
+  the ViT-nano with a distillation token; none, none at twice the epochs, DeiT (hard), LIB-KD, CSKD, CRD (and CRD
+  at β 0.2, a diagnostic), VLFKD. CiT needs its own student (conv and inv tokens, co-advise stems), so it has its
+  own no-teacher row (`none_cit`).
 The CRD, feature, SSKD and VLFKD rows take their `distill` section from their bundled recipes
 (recipes/<method>_<pair>.yaml).
 
@@ -112,6 +113,9 @@ PAIRS: dict[str, dict[str, Any]] = {
             "none_cit": {"student": CIT_STUDENT},
             "cit": {"student": CIT_STUDENT, "teachers": ["cnn", "inn"], "distill": {"method": "cit"}},
             "crd": {"teachers": ["cnn"], "distill": recipe_distill("crd_cnn_to_vit.yaml")},
+            # diagnostic, not the paper's setting: at β 0.8 the contrastive gradient sets most of the ViT's AdamW
+            # steps (bench/gradient_split.py); does a quarter of it leave the labels in charge?
+            "crd_beta0.2": {"teachers": ["cnn"], "distill": {**recipe_distill("crd_cnn_to_vit.yaml"), "beta": 0.2}},
             "vlfkd": {"teachers": ["cnn"], "distill": recipe_distill("vlfkd_cnn_to_vit.yaml")},
         },
     },
