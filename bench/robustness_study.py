@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ import study_cifar10 as study
 
 from kd2deploy.bench.harness import training_machine
 from kd2deploy.checkpoint import atomic_write_text
+from kd2deploy.machine import busy_cores_elsewhere
 from kd2deploy.robustness.evaluate import evaluate_target, load_sets, summarise
 from kd2deploy.robustness.make import ORIGINAL, SETS_FILE, make_sets
 
@@ -41,9 +44,11 @@ BIAS = ["texture", "shape", "locality", "scramble_4", "noise"]  # the study's fi
 
 def evaluate(key: str, target: Path, sets: Path, record: dict[str, Any], samples: int | None,
              console: Console) -> list[dict[str, Any]]:
+    busy, started = busy_cores_elsewhere(), time.perf_counter()
     rows = evaluate_target(target, sets, record, samples, console)
-    for row in rows:
-        row.update(summarise(row, record, None), key=key)
+    for row in rows:  # seconds and what else ran: evaluation time compares only on one quiet machine
+        row.update(summarise(row, record, None), key=key, seconds=round(time.perf_counter() - started, 1),
+                   busy_cores_at_start=round(busy, 2))
     return rows
 
 
@@ -69,6 +74,29 @@ def best_method(results: dict[str, Any], pair: str) -> str | None:
     stats = study.summarise(results["rows"])
     candidates = [(s["mean"], m) for (p, m), s in stats.items() if p == pair and not m.startswith("none")]
     return max(candidates)[1] if candidates else None
+
+
+def best_export(studied: dict[str, Any], pair: str, runs: Path, exports: Path,
+                console: Console) -> tuple[str, Path] | None:
+    """The best method's lowest seed whose student is here, exported as FP32 and INT8 ONNX (once)."""
+    best = best_method(studied, pair)
+    kept = sorted((r for r in studied["rows"] if (r["pair"], r["method"]) == (pair, best)
+                   and student_of(r, runs).exists()), key=lambda r: r["seed"])
+    if not kept:
+        return None
+    name = f"{best}_seed{kept[0]['seed']}"
+    export = exports / f"{pair}_{name}"
+    if not (export / "manifest.json").exists():
+        from kd2deploy.deploy.pipeline import export_run
+
+        export_run(student_of(kept[0], runs), export, formats=["onnx"], precisions=["fp32", "int8"],
+                   console=console)
+    return f"{pair}/{best} (best) export/{name}", export
+
+
+def commit(message: str, paths: list[Path]) -> None:
+    subprocess.run(["git", "add", *(str(p) for p in paths)], cwd=study.ROOT, check=True)
+    subprocess.run(["git", "commit", "-q", "-m", message], cwd=study.ROOT, check=False)
 
 
 def markdown(result: dict[str, Any], record: dict[str, Any]) -> str:
@@ -122,6 +150,7 @@ def main() -> None:
                         help="retrain (same recipe and seed) the students of these pairs' study rows that were not "
                              "kept, instead of leaving those rows out")
     parser.add_argument("--report", action="store_true", help="only rewrite the table from the JSON")
+    parser.add_argument("--commit", action="store_true", help="git-commit the results after every evaluation")
     args = parser.parse_args()
     console = Console(stderr=True)
     path = study.RESULTS / f"{NAME}.json"
@@ -134,38 +163,45 @@ def main() -> None:
         make_sets(args.data / "test", args.sets, seed=0, console=console)
     record = load_sets(args.sets)
     if not args.report:
-        result.update(command="python bench/robustness_study.py", context=training_machine())
+        if result["rows"] and result.get("val_samples") != args.val_samples:
+            print(f"{path} holds rows evaluated with --val-samples {result.get('val_samples')}; resume with the "
+                  "same value, or move the file away to start over with another.", file=sys.stderr)
+            sys.exit(2)
+        result.update(command="python bench/robustness_study.py", context=training_machine(),
+                      val_samples=args.val_samples)
         done = {r["key"] for r in result["rows"]}
         studied = study.load_results()
-        todo: list[tuple[str, Path]] = []
-        retrained_root = args.sets.parent / "retrained"
+        kept: list[tuple[str, Path]] = []
+        retrain: list[tuple[float, str, dict[str, Any]]] = []
         for pair, spec in study.PAIRS.items():
-            todo += [(f"{pair}/teacher_{k}", study.TEACHERS_DIR / study.load_manifest()[k]["file"])
+            kept += [(f"{pair}/teacher_{k}", study.TEACHERS_DIR / study.load_manifest()[k]["file"])
                      for k in study.pair_teachers(spec)]
             for r in studied["rows"]:
                 key, target = f"{pair}/{r['method']}/seed{r['seed']}", student_of(r, args.runs)
                 if r["pair"] != pair or key in done or f"{key} retrained" in done:
                     continue
-                if not target.exists() and pair in (args.retrain_missing or []):
-                    key, target = key + " retrained", retrained_student(r, args.data, retrained_root)
-                todo.append((key, target))
-            best = best_method(studied, pair)
-            kept = sorted((r for r in studied["rows"] if (r["pair"], r["method"]) == (pair, best)
-                           and student_of(r, args.runs).exists()), key=lambda r: r["seed"])
-            if kept:  # the best method's lowest seed whose student is here, as FP32 and INT8 ONNX
-                name = f"{best}_seed{kept[0]['seed']}"
-                export = args.sets.parent / "exports" / f"{pair}_{name}"
-                if not (export / "manifest.json").exists():
-                    from kd2deploy.deploy.pipeline import export_run
-
-                    export_run(student_of(kept[0], args.runs), export, formats=["onnx"],
-                               precisions=["fp32", "int8"], console=console)
-                todo.append((f"{pair}/{best} (best) export/{name}", export))
-        for key, target in todo:
-            if key in done or not target.exists():
+                if target.exists():
+                    kept.append((key, target))
+                elif pair in (args.retrain_missing or []):
+                    retrain.append((r["wall_s"], f"{key} retrained", r))
+            export = best_export(studied, pair, args.runs, args.sets.parent / "exports", console)
+            if export:
+                kept.append(export)
+        # what is here first, then the retrains, cheapest first (a session that stops keeps what it finished)
+        todo = [(key, target, None) for key, target in kept]
+        todo += [(key, None, r) for _, key, r in sorted(retrain, key=lambda t: t[0])]
+        for key, target, row in todo:
+            if key in done:
+                continue
+            if row is not None:
+                target = retrained_student(row, args.data, args.sets.parent / "retrained")
+            if not target.exists():
                 continue
             result["rows"] += evaluate(key, target, args.sets, record, args.val_samples, console)
             atomic_write_text(path, json.dumps(result, indent=2, default=str) + "\n")
+            atomic_write_text(study.RESULTS / f"{NAME}.md", markdown(result, record))
+            if args.commit:
+                commit(f"robustness_study: {key}", [path, study.RESULTS / f"{NAME}.md"])
     atomic_write_text(study.RESULTS / f"{NAME}.md", markdown(result, record))
     print((study.RESULTS / f"{NAME}.md").read_text())
 
