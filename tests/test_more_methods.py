@@ -6,8 +6,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import quiet, tiny_recipe, write_recipe
 from torch import nn
 
+from kd2deploy.checkpoint import load_checkpoint
 from kd2deploy.distill import TrainingData, get_method_class
 from kd2deploy.distill.crd import ContrastMemory, CRDParams, contrast_scores, nce_loss, sample_contrast_indices
 from kd2deploy.distill.feature import FeatureParams, Projector, feature_distance
@@ -15,6 +17,8 @@ from kd2deploy.distill.sskd import SSKDParams, kept_rows, rotation_labels, rotat
 from kd2deploy.distill.vlfkd import VLFKDParams, decoupled, feature_kl, pixel_decoupled_loss
 from kd2deploy.errors import UserError
 from kd2deploy.models import create_model
+from kd2deploy.recipe import load_recipe
+from kd2deploy.train.engine import train
 
 
 def training_data(targets, tmp_path, batches=()):
@@ -191,6 +195,27 @@ def test_sskd_trains_its_teacher_head_once_and_caches_it(tmp_path):
     third.prepare(training_data(torch.zeros(8, dtype=torch.long), tmp_path, batches))
     for key, value in torch.load(cached, weights_only=True)["state_dict"].items():
         assert torch.equal(third.teacher_head.state_dict()[key], value)
+
+
+@pytest.mark.parametrize(("method", "params"), [("crd", {"feat_dim": 8, "nce_k": 16}), ("sskd", {"head_epochs": 1})])
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, method, params):
+    """Stopped after epoch 1 and resumed: the same student, heads and (CRD) memory banks as two epochs in one go."""
+    def recipe(run_dir, epochs):
+        return tiny_recipe(run_dir, teachers=[{"name": "vit_nano_patch4_32", "kwargs": {"depth": 1}}],
+                           distill={"method": method, **params}, data={"train_subset": 64},
+                           optim={"epochs": epochs, "batch_size": 32, "lr": 0.05, "schedule": "constant"},
+                           teacher_cache={"dir": str(tmp_path / "cache")})
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    train(load_recipe(write_recipe(tmp_path / "ref.yaml", recipe(reference, 2))), console=quiet())
+    train(load_recipe(write_recipe(tmp_path / "a.yaml", recipe(resumed, 1))), console=quiet())
+    train(load_recipe(write_recipe(tmp_path / "b.yaml", recipe(resumed, 2))), resume=True, console=quiet())
+
+    expected, got = (load_checkpoint(r / "last.pt")["distiller"]["modules"] for r in (reference, resumed))
+    assert set(got) == set(expected)
+    trained_state = {"crd": "memory.student", "sskd": "student_head."}[method]
+    assert any(k.startswith(trained_state) for k in expected)  # the method's own state is compared too
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
 def test_sskd_loss_weights_its_four_terms_and_sees_the_rotations(tmp_path):
