@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -92,11 +91,6 @@ def best_export(studied: dict[str, Any], pair: str, runs: Path, exports: Path,
         export_run(student_of(kept[0], runs), export, formats=["onnx"], precisions=["fp32", "int8"],
                    console=console)
     return f"{pair}/{best} (best) export/{name}", export
-
-
-def commit(message: str, paths: list[Path]) -> None:
-    subprocess.run(["git", "add", *(str(p) for p in paths)], cwd=study.ROOT, check=True)
-    subprocess.run(["git", "commit", "-q", "-m", message], cwd=study.ROOT, check=False)
 
 
 def markdown(result: dict[str, Any], record: dict[str, Any]) -> str:
@@ -201,7 +195,7 @@ def main() -> None:
             atomic_write_text(path, json.dumps(result, indent=2, default=str) + "\n")
             atomic_write_text(study.RESULTS / f"{NAME}.md", markdown(result, record))
             if args.commit:
-                commit(f"robustness_study: {key}", [path, study.RESULTS / f"{NAME}.md"])
+                study.commit(f"robustness_study: {key}", [path, study.RESULTS / f"{NAME}.md"])
     atomic_write_text(study.RESULTS / f"{NAME}.md", markdown(result, record))
     print((study.RESULTS / f"{NAME}.md").read_text())
 

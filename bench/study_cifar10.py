@@ -406,8 +406,9 @@ def report(results: dict[str, Any]) -> None:
     plot(results, RESULTS / f"{STUDY}.png")
 
 
-def commit(message: str) -> None:
-    paths = [RESULTS / f"{STUDY}.{ext}" for ext in ("json", "md", "png")] + [TEACHERS_DIR, STUDENTS_DIR]
+def commit(message: str, paths: list[Path] | None = None) -> None:
+    """git-commit `paths` (default: this study's results, teachers and students) so a stopped session keeps them."""
+    paths = paths or [RESULTS / f"{STUDY}.{ext}" for ext in ("json", "md", "png")] + [TEACHERS_DIR, STUDENTS_DIR]
     subprocess.run(["git", "add", *(str(p) for p in paths if p.exists())], cwd=ROOT, check=True)
     subprocess.run(["git", "commit", "-q", "-m", message], cwd=ROOT, check=False)
 
