@@ -23,6 +23,8 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -75,22 +77,25 @@ def best_method(results: dict[str, Any], pair: str) -> str | None:
     return max(candidates)[1] if candidates else None
 
 
-def best_export(studied: dict[str, Any], pair: str, runs: Path, exports: Path,
-                console: Console) -> tuple[str, Path] | None:
-    """The best method's lowest seed whose student is here, exported as FP32 and INT8 ONNX (once)."""
+def best_export(studied: dict[str, Any], pair: str, runs: Path,
+                exports: Path) -> tuple[str, Path, Path] | None:
+    """The best method's lowest seed whose student is here: its row key, its student and its export folder."""
     best = best_method(studied, pair)
     kept = sorted((r for r in studied["rows"] if (r["pair"], r["method"]) == (pair, best)
                    and student_of(r, runs).exists()), key=lambda r: r["seed"])
     if not kept:
         return None
     name = f"{best}_seed{kept[0]['seed']}"
-    export = exports / f"{pair}_{name}"
+    return f"{pair}/{best} (best) export/{name}", student_of(kept[0], runs), exports / f"{pair}_{name}"
+
+
+def exported(student: Path, export: Path, console: Console) -> Path:
+    """`student` as FP32 and INT8 ONNX artifacts in `export` (exported once)."""
     if not (export / "manifest.json").exists():
         from kd2deploy.deploy.pipeline import export_run
 
-        export_run(student_of(kept[0], runs), export, formats=["onnx"], precisions=["fp32", "int8"],
-                   console=console)
-    return f"{pair}/{best} (best) export/{name}", export
+        export_run(student, export, formats=["onnx"], precisions=["fp32", "int8"], console=console)
+    return export
 
 
 def markdown(result: dict[str, Any], record: dict[str, Any]) -> str:
@@ -165,30 +170,31 @@ def main() -> None:
                       val_samples=args.val_samples)
         done = {r["key"] for r in result["rows"]}
         studied = study.load_results()
-        kept: list[tuple[str, Path]] = []
-        retrain: list[tuple[float, str, dict[str, Any]]] = []
+        # each row's target, made only when the row is still to do: what is here first, then the retrains,
+        # cheapest first (a session that stops keeps what it finished)
+        kept: list[tuple[str, Callable[[], Path]]] = []
+        retrain: list[tuple[float, str, Callable[[], Path]]] = []
         for pair, spec in study.PAIRS.items():
-            kept += [(f"{pair}/teacher_{k}", study.TEACHERS_DIR / study.load_manifest()[k]["file"])
+            kept += [(f"{pair}/teacher_{k}", partial(Path, study.TEACHERS_DIR / study.load_manifest()[k]["file"]))
                      for k in study.pair_teachers(spec)]
             for r in studied["rows"]:
                 key, target = f"{pair}/{r['method']}/seed{r['seed']}", student_of(r, args.runs)
                 if r["pair"] != pair or key in done or f"{key} retrained" in done:
                     continue
                 if target.exists():
-                    kept.append((key, target))
+                    kept.append((key, partial(Path, target)))
                 elif pair in (args.retrain_missing or []):
-                    retrain.append((r["wall_s"], f"{key} retrained", r))
-            export = best_export(studied, pair, args.runs, args.sets.parent / "exports", console)
-            if export:
-                kept.append(export)
-        # what is here first, then the retrains, cheapest first (a session that stops keeps what it finished)
-        todo = [(key, target, None) for key, target in kept]
-        todo += [(key, None, r) for _, key, r in sorted(retrain, key=lambda t: t[0])]
-        for key, target, row in todo:
+                    retrain.append((r["wall_s"], f"{key} retrained",
+                                    partial(retrained_student, r, args.data, args.sets.parent / "retrained")))
+            best = best_export(studied, pair, args.runs, args.sets.parent / "exports")
+            if best:
+                key, student, export = best
+                kept.append((key, partial(exported, student, export, console)))
+        todo = kept + [(key, make) for _, key, make in sorted(retrain, key=lambda t: t[0])]
+        for key, make in todo:
             if key in done:
                 continue
-            if row is not None:
-                target = retrained_student(row, args.data, args.sets.parent / "retrained")
+            target = make()
             if not target.exists():
                 continue
             result["rows"] += evaluate(key, target, args.sets, record, args.val_samples, console)
