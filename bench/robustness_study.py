@@ -98,6 +98,43 @@ def exported(student: Path, export: Path, console: Console) -> Path:
     return export
 
 
+METRICS = [*BIAS, "shape_bias", "mean_corruption_top1"]  # the columns after top-1
+
+
+def _metric(row: dict[str, Any], name: str) -> float | None:
+    if name in BIAS:
+        return row["bias"][name]
+    return row.get(name)
+
+
+def _groups(rows: list[dict[str, Any]], pair: str) -> dict[str, list[dict[str, Any]]]:
+    """A pair's rows by model: its teachers, then its methods in the study's order, then the exported artifacts."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        name = r["key"].split("/")[1]
+        groups.setdefault(name + ("" if r["backend"] == "pytorch" else f" {r['artifact']}"), []).append(r)
+    order = [f"teacher_{k}" for k in study.pair_teachers(study.PAIRS[pair])] + list(study.PAIRS[pair]["methods"])
+    return dict(sorted(groups.items(), key=lambda g: order.index(g[0]) if g[0] in order else len(order)))
+
+
+def _shift(method: list[dict[str, Any]], baseline: list[dict[str, Any]], teacher: list[dict[str, Any]],
+           metric: str) -> str:
+    """The method's mean minus its no-teacher baseline's; `*` where that exceeds twice its standard error (both
+    with several seeds), and whether it moves toward the teacher's value or away from it."""
+    ms, bs = ([v for r in g if (v := _metric(r, metric)) is not None] for g in (method, baseline))
+    if not ms or not bs:
+        return ""
+    delta = statistics.mean(ms) - statistics.mean(bs)
+    cell = f"{delta:+.{2 if metric == 'mean_corruption_top1' else 3}f}"
+    if len(ms) > 1 and len(bs) > 1:
+        error = (statistics.variance(ms) / len(ms) + statistics.variance(bs) / len(bs)) ** 0.5
+        cell += "*" if abs(delta) > 2 * error else ""
+    target = _metric(teacher[0], metric) if teacher else None
+    if target is not None and delta:
+        cell += " ↑" if (target - statistics.mean(bs)) * delta > 0 else " ↓"
+    return cell
+
+
 def markdown(result: dict[str, Any], record: dict[str, Any]) -> str:
     lines = ["# Bias and robustness transfer, CIFAR-10 (CPU budget)", "",
              f"Command: `{result['command']}`  ",
@@ -106,28 +143,70 @@ def markdown(result: dict[str, Any], record: dict[str, Any]) -> str:
              "(shape: Canny edges; texture: amplitude-phase cue conflict; no pretrained networks), corruptions at "
              "CIFAR-10-C's parameters, regenerated. Bias = top-1 on the set / top-1 on the original images (1 = "
              "unaffected); shape bias = shape / (shape + texture) hits on the cue-conflict images. Students: "
-             "bench/study_cifar10.py's runs; mean ± std over seeds.", ""]
+             "bench/study_cifar10.py's runs (15 epochs, 10,000 images; `retrained`: trained again here with the "
+             "row's recipe and seed because the study did not keep that student); mean ± std over seeds.", ""]
     for pair, spec in study.PAIRS.items():
-        rows = [r for r in result["rows"] if r["key"].startswith(f"{pair}/")]
-        if not rows:
+        groups = _groups([r for r in result["rows"] if r["key"].startswith(f"{pair}/")], pair)
+        if not groups:
             continue
         lines += [f"## {spec['title']} (`{pair}`)", "",
                   "| model | n | top-1 | " + " | ".join(BIAS) + " | shape bias | mean corruption top-1 |",
-                  "|---|---:|---:|" + "---:|" * (len(BIAS) + 2)]
-        groups: dict[str, list[dict[str, Any]]] = {}
-        for r in rows:
-            groups.setdefault(r["key"].split("/")[1] + ("" if r["backend"] == "pytorch" else f" {r['artifact']}"),
-                              []).append(r)
+                  "|---|---:|---:|" + "---:|" * len(METRICS)]
         for name, group in groups.items():
             cells = [_stat([r["top1"][ORIGINAL] for r in group], 2)]
-            cells += [_stat([r["bias"][b] for r in group], 3) for b in BIAS]
-            cells += [_stat([r.get("shape_bias") for r in group], 3), _stat([r["mean_corruption_top1"]
-                                                                              for r in group], 2)]
+            cells += [_stat([_metric(r, m) for r in group], 2 if m == "mean_corruption_top1" else 3)
+                      for m in METRICS]
             retrained = sum(r["key"].endswith(" retrained") for r in group)
             name += f" ({retrained} retrained)" if retrained else ""
             lines.append(f"| {name} | {len(group)} | " + " | ".join(cells) + " |")
         lines.append("")
+        teachers = [k for k in groups if k.startswith("teacher_")]
+        distilled = [m for m, s in spec["methods"].items() if s.get("teachers") and m in groups]
+        if teachers and distilled:
+            teacher = groups[teachers[0]]
+            lines += [f"Shift from the no-teacher student (`none`, or the method's own student; `none_2x`: the "
+                      f"same student trained twice as long, an accuracy control), method mean − baseline mean. "
+                      f"`*`: more than twice its standard error; ↑ toward the teacher ({teachers[0]}), ↓ away.", "",
+                      "| model | vs | top-1 | " + " | ".join(BIAS) + " | shape bias | mean corruption top-1 |",
+                      "|---|---|---:|" + "---:|" * len(METRICS)]
+            for method in [m for m in ("none_2x", *distilled) if m in groups]:
+                base = study.BASELINE.get(method, "none")
+                if base not in groups:
+                    continue
+                top1 = [statistics.mean(r["top1"][ORIGINAL] for r in g) for g in (groups[method], groups[base])]
+                cells = [f"{top1[0] - top1[1]:+.2f}"]
+                cells += [_shift(groups[method], groups[base], teacher, m) for m in METRICS]
+                lines.append(f"| {method} | {base} | " + " | ".join(cells) + " |")
+            lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Each model's bias profile (the five ratios and the shape bias), one panel per pair, mean ± std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ratios = [*BIAS, "shape_bias"]
+    fig, axes = plt.subplots(1, len(study.PAIRS), figsize=(7 * len(study.PAIRS), 4.5), squeeze=False)
+    for ax, (pair, spec) in zip(axes[0], study.PAIRS.items(), strict=True):
+        groups = _groups([r for r in result["rows"] if r["key"].startswith(f"{pair}/")], pair)
+        for i, (name, group) in enumerate(groups.items()):
+            values = [[v for r in group if (v := _metric(r, m)) is not None] for m in ratios]
+            means = [statistics.mean(v) if v else float("nan") for v in values]
+            stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+            style = ({"color": "black", "lw": 2.5, "ls": "-" if i == 0 else ":"} if name.startswith("teacher_") else
+                     {"color": "grey", "ls": "--"} if name.startswith("none") else {"lw": 1.2})
+            ax.errorbar([j + 0.03 * (i - len(groups) / 2) for j in range(len(ratios))], means, yerr=stds,
+                        marker="o", ms=3, capsize=2, label=name, **style)
+        ax.set_xticks(range(len(ratios)), ratios)
+        ax.set_ylabel("top-1 ratio to the originals; shape bias")
+        ax.set_title(spec["title"])
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _stat(values: list[float | None], digits: int) -> str:
@@ -137,6 +216,11 @@ def _stat(values: list[float | None], digits: int) -> str:
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def report(result: dict[str, Any], record: dict[str, Any]) -> None:
+    atomic_write_text(study.RESULTS / f"{NAME}.md", markdown(result, record))
+    plot(result, study.RESULTS / f"{NAME}.png")
 
 
 def main() -> None:
@@ -199,10 +283,10 @@ def main() -> None:
                 continue
             result["rows"] += evaluate(key, target, args.sets, record, args.val_samples, console)
             atomic_write_text(path, json.dumps(result, indent=2, default=str) + "\n")
-            atomic_write_text(study.RESULTS / f"{NAME}.md", markdown(result, record))
+            report(result, record)
             if args.commit:
-                study.commit(f"robustness_study: {key}", [path, study.RESULTS / f"{NAME}.md"])
-    atomic_write_text(study.RESULTS / f"{NAME}.md", markdown(result, record))
+                study.commit(f"robustness_study: {key}", [study.RESULTS / f"{NAME}.{e}" for e in ("json", "md", "png")])
+    report(result, record)
     print((study.RESULTS / f"{NAME}.md").read_text())
 
 
