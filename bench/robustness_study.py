@@ -14,6 +14,7 @@ never kept (they trained on another machine before the study kept students) are 
 
     python bench/robustness_study.py                    # sets (once), then everything missing, then the tables
     python bench/robustness_study.py --retrain-missing vit_to_cnn   # also retrain that pair's missing students
+    python bench/robustness_study.py --pairs vit_to_cnn --retrain-missing vit_to_cnn   # only that pair's rows
     python bench/robustness_study.py --report           # only rewrite the .md from the .json
 """
 from __future__ import annotations
@@ -229,6 +230,8 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=Path("runs/study"), help="the study's run folders")
     parser.add_argument("--sets", type=Path, default=Path("runs/robustness/sets"))
     parser.add_argument("--val-samples", type=int, default=None, help="images per set (default: all)")
+    parser.add_argument("--pairs", nargs="+", default=list(study.PAIRS), choices=list(study.PAIRS), metavar="PAIR",
+                        help="evaluate only these pairs' rows (default: both)")
     parser.add_argument("--retrain-missing", nargs="+", choices=list(study.PAIRS), metavar="PAIR",
                         help="retrain (same recipe and seed) the students of these pairs' study rows that were not "
                              "kept, instead of leaving those rows out")
@@ -259,6 +262,8 @@ def main() -> None:
         kept: list[tuple[str, Callable[[], Path]]] = []
         retrain: list[tuple[float, str, Callable[[], Path]]] = []
         for pair, spec in study.PAIRS.items():
+            if pair not in args.pairs:
+                continue
             kept += [(f"{pair}/teacher_{k}", partial(Path, study.TEACHERS_DIR / study.load_manifest()[k]["file"]))
                      for k in study.pair_teachers(spec)]
             for r in studied["rows"]:
