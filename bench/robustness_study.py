@@ -121,7 +121,7 @@ def _groups(rows: list[dict[str, Any]], pair: str) -> dict[str, list[dict[str, A
 def _shift(method: list[dict[str, Any]], baseline: list[dict[str, Any]], teacher: list[dict[str, Any]],
            metric: str) -> str:
     """The method's mean minus its no-teacher baseline's; `*` where that exceeds twice its standard error (both
-    with several seeds), and whether it moves toward the teacher's value or away from it."""
+    with several seeds); ↑ where the method's mean is nearer the teacher's value than the baseline's, ↓ where not."""
     ms, bs = ([v for r in g if (v := _metric(r, metric)) is not None] for g in (method, baseline))
     if not ms or not bs:
         return ""
@@ -132,7 +132,7 @@ def _shift(method: list[dict[str, Any]], baseline: list[dict[str, Any]], teacher
         cell += "*" if abs(delta) > 2 * error else ""
     target = _metric(teacher[0], metric) if teacher else None
     if target is not None and delta:
-        cell += " ↑" if (target - statistics.mean(bs)) * delta > 0 else " ↓"
+        cell += " ↑" if abs(statistics.mean(ms) - target) < abs(statistics.mean(bs) - target) else " ↓"
     return cell
 
 
@@ -167,7 +167,8 @@ def markdown(result: dict[str, Any], record: dict[str, Any]) -> str:
             teacher = groups[teachers[0]]
             lines += [f"Shift from the no-teacher student (`none`, or the method's own student; `none_2x`: the "
                       f"same student trained twice as long, an accuracy control), method mean − baseline mean. "
-                      f"`*`: more than twice its standard error; ↑ toward the teacher ({teachers[0]}), ↓ away.", "",
+                      f"`*`: more than twice its standard error; ↑: nearer the teacher's ({teachers[0]}) value "
+                      "than the baseline is, ↓: farther.", "",
                       "| model | vs | top-1 | " + " | ".join(BIAS) + " | shape bias | mean corruption top-1 |",
                       "|---|---|---:|" + "---:|" * len(METRICS)]
             for method in [m for m in ("none_2x", *distilled) if m in groups]:
