@@ -199,7 +199,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
             means = [statistics.mean(v) if v else float("nan") for v in values]
             stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
             style = ({"color": "black", "lw": 2.5, "ls": "-" if i == 0 else ":"} if name.startswith("teacher_") else
-                     {"color": "grey", "ls": "--"} if name.startswith("none") else {"lw": 1.2})
+                     {"color": "grey", "ls": {"none": "--", "none_2x": "-."}.get(name, ":")} if name.startswith("none")
+                     else {"lw": 1.2})
             ax.errorbar([j + 0.03 * (i - len(groups) / 2) for j in range(len(ratios))], means, yerr=stds,
                         marker="o", ms=3, capsize=2, label=name, **style)
         ax.set_xticks(range(len(ratios)), ratios)
