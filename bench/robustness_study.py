@@ -15,7 +15,7 @@ never kept (they trained on another machine before the study kept students) are 
     python bench/robustness_study.py                    # sets (once), then everything missing, then the tables
     python bench/robustness_study.py --retrain-missing vit_to_cnn   # also retrain that pair's missing students
     python bench/robustness_study.py --pairs vit_to_cnn --retrain-missing vit_to_cnn   # only that pair's rows
-    python bench/robustness_study.py --report           # only rewrite the .md from the .json
+    python bench/robustness_study.py --report           # only rewrite the .md and .png from the .json
 """
 from __future__ import annotations
 
@@ -208,8 +208,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.set_title(spec["title"])
         ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    partial_path = path.with_suffix(".partial.png")  # written whole, then moved: a stopped run leaves no torn file
+    fig.savefig(partial_path, dpi=110)
     plt.close(fig)
+    partial_path.replace(path)
 
 
 def _stat(values: list[float | None], digits: int) -> str:
