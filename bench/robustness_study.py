@@ -111,7 +111,7 @@ def _metric(row: dict[str, Any], name: str) -> float | None:
 def _groups(rows: list[dict[str, Any]], pair: str) -> dict[str, list[dict[str, Any]]]:
     """A pair's rows by model: its teachers, then its methods in the study's order, then the exported artifacts."""
     groups: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
+    for r in (r for r in rows if r["key"].startswith(f"{pair}/")):
         name = r["key"].split("/")[1]
         groups.setdefault(name + ("" if r["backend"] == "pytorch" else f" {r['artifact']}"), []).append(r)
     order = [f"teacher_{k}" for k in study.pair_teachers(study.PAIRS[pair])] + list(study.PAIRS[pair]["methods"])
@@ -147,7 +147,7 @@ def markdown(result: dict[str, Any], record: dict[str, Any]) -> str:
              "bench/study_cifar10.py's runs (15 epochs, 10,000 images; `retrained`: trained again here with the "
              "row's recipe and seed because the study did not keep that student); mean ± std over seeds.", ""]
     for pair, spec in study.PAIRS.items():
-        groups = _groups([r for r in result["rows"] if r["key"].startswith(f"{pair}/")], pair)
+        groups = _groups(result["rows"], pair)
         if not groups:
             continue
         lines += [f"## {spec['title']} (`{pair}`)", "",
@@ -193,7 +193,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ratios = [*BIAS, "shape_bias"]
     fig, axes = plt.subplots(1, len(study.PAIRS), figsize=(7 * len(study.PAIRS), 4.5), squeeze=False)
     for ax, (pair, spec) in zip(axes[0], study.PAIRS.items(), strict=True):
-        groups = _groups([r for r in result["rows"] if r["key"].startswith(f"{pair}/")], pair)
+        groups = _groups(result["rows"], pair)
         for i, (name, group) in enumerate(groups.items()):
             values = [[v for r in group if (v := _metric(r, m)) is not None] for m in ratios]
             means = [statistics.mean(v) if v else float("nan") for v in values]
