@@ -6,7 +6,7 @@ the teacher (and the method using it) is the only difference:
   none, none at twice the epochs, KD, CAP-KD (and three variants: its projection losses at 0.1, without the
   multi-view generator's views, and with the views feeding only L_MVG), CRD, feature (FitNet), SSKD.
 - `cnn_to_vit` (CNN + involution -> tiny ViT): the ResNet-9 teacher (and the RedNet-26 involution teacher) ->
-  the ViT-nano with a distillation token; none, none at twice the epochs, DeiT (hard), LIB-KD, CSKD, CRD (and CRD
+  the ViT-nano with a distillation token; none, none at twice the epochs, KD, DeiT (hard), LIB-KD, CSKD, CRD (and CRD
   at β 0.2, a diagnostic), VLFKD. CiT needs its own student (conv and inv tokens, co-advise stems), so it has its
   own no-teacher row (`none_cit`).
 The CRD, feature, SSKD and VLFKD rows take their `distill` section from their bundled recipes
@@ -106,6 +106,7 @@ PAIRS: dict[str, dict[str, Any]] = {
         "methods": {
             "none": {},
             "none_2x": {"epochs": 2 * EPOCHS},
+            "kd": {"teachers": ["cnn"], "distill": {"method": "kd", "temperature": 4.0, "alpha": 0.9}},
             "deit": {"teachers": ["cnn"], "distill": {"method": "deit", "distillation_type": "hard"}},
             "libkd": {"teachers": ["cnn", "inn"], "distill": {"method": "libkd"}},
             "cskd": {"teachers": ["cnn"], "distill": {"method": "cskd"},  # the authors' inference fusion
