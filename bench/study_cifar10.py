@@ -76,6 +76,7 @@ def recipe_distill(name: str) -> dict[str, Any]:
     return yaml.safe_load((RECIPES / name).read_text())["distill"]
 
 
+KD = {"method": "kd", "temperature": 4.0, "alpha": 0.9}  # both pairs: the same vanilla KD
 VIT_STUDENT = {"name": "libkd_nano_patch4_32", "kwargs": {"head_fusion": "mean"}}
 CIT_STUDENT = {"name": "cit_nano_patch4_32", "kwargs": {}}  # head_fusion: cls, the CiT paper's inference
 
@@ -86,7 +87,7 @@ PAIRS: dict[str, dict[str, Any]] = {
         "methods": {
             "none": {},
             "none_2x": {"epochs": 2 * EPOCHS},
-            "kd": {"teachers": ["vit"], "distill": {"method": "kd", "temperature": 4.0, "alpha": 0.9}},
+            "kd": {"teachers": ["vit"], "distill": KD},
             "capkd": {"teachers": ["vit"], "distill": {"method": "capkd"}},
             # diagnostic, not the paper's setting: do the projection losses crowd out the small student's CE?
             "capkd_proj0.1": {"teachers": ["vit"], "distill": {"method": "capkd", "proj1_weight": 0.1,
@@ -106,7 +107,7 @@ PAIRS: dict[str, dict[str, Any]] = {
         "methods": {
             "none": {},
             "none_2x": {"epochs": 2 * EPOCHS},
-            "kd": {"teachers": ["cnn"], "distill": {"method": "kd", "temperature": 4.0, "alpha": 0.9}},
+            "kd": {"teachers": ["cnn"], "distill": KD},
             "deit": {"teachers": ["cnn"], "distill": {"method": "deit", "distillation_type": "hard"}},
             "libkd": {"teachers": ["cnn", "inn"], "distill": {"method": "libkd"}},
             "cskd": {"teachers": ["cnn"], "distill": {"method": "cskd"},  # the authors' inference fusion
